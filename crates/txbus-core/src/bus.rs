@@ -1,0 +1,366 @@
+//! The bus: the API a service uses, and its builder.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::chain::{self, VerifyReport};
+use crate::engine::{Engine, HandlerEntry, Settings, ShutdownReport};
+use crate::error::Error;
+use crate::filter::On;
+use crate::handler::{Erased, Handler, HandlerResult, Typed};
+use crate::limits::Limits;
+use crate::message::{Event, Message, OperationId, TypedEvent};
+use crate::operation::Operation;
+use crate::outcome::{OperationState, Outcome};
+use crate::policy::{Backoff, Policy, PolicyOverride};
+use crate::retention::{PruneReport, Retention};
+use crate::schema::SchemaRegistry;
+use crate::store::{CommitKind, DeadLetter, DeadLetterQuery, Stats, Store};
+
+/// A running bus: commit events, run handlers, report outcomes. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    engine: Arc<Engine>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("owner", &self.engine.owner)
+            .finish()
+    }
+}
+
+impl Bus {
+    /// Starts configuring a bus.
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    /// Commits `events` atomically and durably, and returns once the commit is durable.
+    ///
+    /// Every event is validated first (limits, schema); one bad event fails the call with an
+    /// error naming its index, type and reason, and nothing is written. The returned
+    /// [`Operation`] reports the outcome: ok when every subscribed handler of every event
+    /// succeeded; failed as soon as one rejects or runs out of retries.
+    pub async fn transact<I>(&self, events: I) -> Result<Operation, Error>
+    where
+        I: IntoIterator<Item = Event>,
+    {
+        let events: Vec<Event> = events.into_iter().collect();
+        let (position, _, guard) = self
+            .engine
+            .commit(CommitKind::Transact, events, true)
+            .await?;
+        let guard =
+            guard.ok_or_else(|| Error::Config("internal: missing operation watch".into()))?;
+        Ok(self.engine.operation(position, guard))
+    }
+
+    /// Commits one event durably; its handlers run as for `transact`, but nobody waits. The
+    /// returned id can still be used with [`outcome`](Self::outcome).
+    pub async fn publish(&self, event: Event) -> Result<OperationId, Error> {
+        let (_, id, _) = self
+            .engine
+            .commit(CommitKind::Publish, vec![event], false)
+            .await?;
+        Ok(id)
+    }
+
+    /// Reads where an operation stands, from the store: works after a restart and for
+    /// operations committed by other processes. `None` when unknown (or pruned by retention).
+    pub async fn outcome(&self, id: OperationId) -> Result<Option<OperationState>, Error> {
+        Ok(self.engine.store.operation(id).await?)
+    }
+
+    /// Waits for an operation's outcome by id.
+    pub async fn wait(&self, id: OperationId) -> Result<Outcome, Error> {
+        self.engine.wait(id).await
+    }
+
+    /// Lists dead letters: deliveries that failed for good after their retries (or by timeout
+    /// or panic on the last attempt).
+    pub async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, Error> {
+        Ok(self.engine.store.dead_letters(query).await?)
+    }
+
+    /// Runs a dead letter again, from attempt 1. The operation's recorded outcome does not
+    /// change: an outcome, once reported, is final.
+    pub async fn replay(&self, delivery_id: i64) -> Result<(), Error> {
+        if self.engine.store.replay(delivery_id).await? {
+            self.engine.wake_claimer();
+            Ok(())
+        } else {
+            Err(Error::UnknownDeadLetter(delivery_id))
+        }
+    }
+
+    /// Walks the log and checks every commit's data and chain hash.
+    pub async fn verify(&self) -> Result<VerifyReport, Error> {
+        Ok(chain::verify(self.engine.store.as_ref()).await?)
+    }
+
+    /// Counts what the store holds.
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        Ok(self.engine.store.stats().await?)
+    }
+
+    /// Applies the retention bounds now (it also runs periodically).
+    pub async fn prune(&self) -> Result<PruneReport, Error> {
+        Ok(self
+            .engine
+            .store
+            .prune(&self.engine.settings.retention)
+            .await?)
+    }
+
+    /// Stops starting new attempts; commits go on and pile up in the store.
+    pub fn pause(&self) {
+        self.engine.pause();
+    }
+
+    /// Starts attempts again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.engine.resume();
+    }
+
+    /// Deliveries held in memory now; never more than the buffer capacity.
+    pub fn buffered(&self) -> usize {
+        self.engine.in_memory().0
+    }
+
+    /// Stops taking work, waits up to `deadline` for running attempts, cancels the rest and
+    /// returns every delivery this bus held to pending, so the next start runs them. Then
+    /// closes the store.
+    pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport, Error> {
+        self.engine.shutdown(deadline).await
+    }
+}
+
+struct PendingHandler {
+    name: String,
+    filter: On,
+    policy: PolicyOverride,
+    handler: Arc<dyn crate::handler::ErasedHandler>,
+}
+
+/// Configures and builds a [`Bus`]. A store is required.
+pub struct BusBuilder {
+    store: Option<Arc<dyn Store>>,
+    schemas: SchemaRegistry,
+    limits: Limits,
+    policy: Policy,
+    handlers: Vec<PendingHandler>,
+    retention: Retention,
+    lease_ttl: Duration,
+    buffer_capacity: usize,
+    claim_batch: usize,
+    poll_interval: Duration,
+    max_concurrency: usize,
+    start_paused: bool,
+}
+
+impl Default for BusBuilder {
+    fn default() -> Self {
+        Self {
+            store: None,
+            schemas: SchemaRegistry::new(),
+            limits: Limits::default(),
+            policy: Policy::default(),
+            handlers: Vec::new(),
+            retention: Retention::default(),
+            lease_ttl: Duration::from_secs(30),
+            buffer_capacity: 10_000,
+            claim_batch: 256,
+            poll_interval: Duration::from_secs(1),
+            max_concurrency: 1024,
+            start_paused: false,
+        }
+    }
+}
+
+impl BusBuilder {
+    /// The store (required).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The store, already shared.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// JSON Schemas to validate events against.
+    pub fn schemas(mut self, registry: SchemaRegistry) -> Self {
+        self.schemas = registry;
+        self
+    }
+
+    /// Longest one attempt may run (default 10 s).
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.timeout = timeout;
+        self
+    }
+
+    /// Retries after the first attempt (default 3).
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.policy.max_retries = retries;
+        self
+    }
+
+    /// Delay between attempts (default exponential from 1 s, capped at 5 min, 20 % jitter).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.policy.backoff = backoff;
+        self
+    }
+
+    /// Attempts of one handler running at once (default 64).
+    pub fn handler_concurrency(mut self, concurrency: usize) -> Self {
+        self.policy.concurrency = concurrency;
+        self
+    }
+
+    /// Attempts of all handlers running at once (default 1024).
+    pub fn max_concurrency(mut self, concurrency: usize) -> Self {
+        self.max_concurrency = concurrency;
+        self
+    }
+
+    /// Largest payload of one event in JSON bytes (default 1 MiB).
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.limits.max_payload_bytes = bytes;
+        self
+    }
+
+    /// Most events in one commit (default 10 000).
+    pub fn max_events_per_commit(mut self, count: usize) -> Self {
+        self.limits.max_events_per_commit = count;
+        self
+    }
+
+    /// Retention of finished deliveries and outcomes.
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// How long a lease outlives its holder's last heartbeat (default 30 s). A crashed
+    /// process's deliveries are taken over after this.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Deliveries held in memory at most (default 10 000); beyond it work waits in the store.
+    pub fn buffer_capacity(mut self, capacity: usize) -> Self {
+        self.buffer_capacity = capacity;
+        self
+    }
+
+    /// How often the store is checked for work not handed over directly (default 1 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Starts with handlers paused (see [`Bus::pause`]).
+    pub fn start_paused(mut self, paused: bool) -> Self {
+        self.start_paused = paused;
+        self
+    }
+
+    /// Subscribes a handler under a stable `name` (its identity across restarts).
+    pub fn handler(self, name: impl Into<String>, on: On, handler: impl Handler) -> Self {
+        self.handler_with(name, on, PolicyOverride::default(), handler)
+    }
+
+    /// Subscribes a handler with its own timeout, retries, backoff or concurrency.
+    pub fn handler_with(
+        mut self,
+        name: impl Into<String>,
+        on: On,
+        policy: PolicyOverride,
+        handler: impl Handler,
+    ) -> Self {
+        self.handlers.push(PendingHandler {
+            name: name.into(),
+            filter: on,
+            policy,
+            handler: Arc::new(Erased(Arc::new(handler))),
+        });
+        self
+    }
+
+    /// Subscribes a handler of a typed event: the payload is decoded into `T` first.
+    pub fn on<T, F, Fut>(self, name: impl Into<String>, f: F) -> Self
+    where
+        T: TypedEvent,
+        F: Fn(T, Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send,
+    {
+        let mut on = On::event(T::EVENT_TYPE);
+        if let Some(module) = T::MODULE {
+            on = on.module(module);
+        }
+        self.handler(name, on, Typed::<T, F>::new(f))
+    }
+
+    /// Checks the configuration, opens the engine, and resumes unfinished deliveries.
+    pub async fn build(self) -> Result<Bus, Error> {
+        let store = self.store.ok_or(Error::NoStore)?;
+        let mut seen = HashSet::new();
+        let mut handlers = Vec::with_capacity(self.handlers.len());
+        for h in self.handlers {
+            if h.name.is_empty() || h.name.len() > 255 {
+                return Err(Error::Config(format!(
+                    "handler name {:?} must be 1 to 255 bytes",
+                    h.name
+                )));
+            }
+            if !seen.insert(h.name.clone()) {
+                return Err(Error::Config(format!(
+                    "handler name {:?} is registered twice; names identify handlers across restarts and must be unique",
+                    h.name
+                )));
+            }
+            let policy = h.policy.apply(&self.policy);
+            if policy.timeout.is_zero() || policy.concurrency == 0 {
+                return Err(Error::Config(format!(
+                    "handler {:?}: timeout and concurrency must be above zero",
+                    h.name
+                )));
+            }
+            handlers.push(HandlerEntry {
+                name: Arc::from(h.name.as_str()),
+                filter: h.filter,
+                policy,
+                handler: h.handler,
+            });
+        }
+        if self.buffer_capacity == 0 || self.max_concurrency == 0 || self.claim_batch == 0 {
+            return Err(Error::Config(
+                "buffer_capacity and max_concurrency must be above zero".into(),
+            ));
+        }
+        if self.lease_ttl < Duration::from_millis(30) {
+            return Err(Error::Config("lease_ttl must be at least 30 ms".into()));
+        }
+        let settings = Settings {
+            limits: self.limits,
+            schemas: self.schemas,
+            lease_ttl: self.lease_ttl,
+            buffer_capacity: self.buffer_capacity,
+            claim_batch: self.claim_batch.min(self.buffer_capacity),
+            poll_interval: self.poll_interval,
+            retention: self.retention,
+            max_concurrency: self.max_concurrency,
+            start_paused: self.start_paused,
+        };
+        let engine = Engine::start(store, handlers, settings).await?;
+        Ok(Bus { engine })
+    }
+}

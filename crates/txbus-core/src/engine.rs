@@ -1,0 +1,731 @@
+//! The engine: routes committed messages to handlers, runs attempts with timeout, panic
+//! containment and retries, records their results, and recovers work from the store.
+//!
+//! Deliveries live in the store; the engine holds at most `buffer_capacity` of them in memory
+//! (one semaphore permit each). A commit made while there is room is leased to this engine at
+//! once and handed straight to its handlers, without polling; when memory is full the
+//! deliveries stay pending in the store and the claimer leases them as room frees up.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+
+use crate::error::Error;
+use crate::filter::On;
+use crate::handler::ErasedHandler;
+use crate::limits::{validate, Limits};
+use crate::message::{DeliveryContext, Event, Message, OperationId, StoredMessage};
+use crate::operation::{Operation, WatchGuard, Watchers};
+use crate::outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
+use crate::policy::Policy;
+use crate::retention::Retention;
+use crate::schema::SchemaRegistry;
+use crate::store::{
+    ClaimedDelivery, CommitKind, Completion, CompletionEffect, DeliveryResult, NewCommit,
+    NewDelivery, OwnerId, Store,
+};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) struct HandlerEntry {
+    pub(crate) name: Arc<str>,
+    pub(crate) filter: On,
+    pub(crate) policy: Policy,
+    pub(crate) handler: Arc<dyn ErasedHandler>,
+}
+
+/// Engine settings, fixed at build time.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) limits: Limits,
+    pub(crate) schemas: SchemaRegistry,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) buffer_capacity: usize,
+    pub(crate) claim_batch: usize,
+    pub(crate) poll_interval: Duration,
+    pub(crate) retention: Retention,
+    pub(crate) max_concurrency: usize,
+    pub(crate) start_paused: bool,
+}
+
+/// One delivery held in memory, with the slot it occupies.
+struct Job {
+    id: i64,
+    fence: i64,
+    attempts: u32,
+    position: u64,
+    operation_id: OperationId,
+    index: u32,
+    message: Arc<StoredMessage>,
+    handler: usize,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Running attempts, so that shutdown can wait for them and cancel the rest.
+#[derive(Default)]
+struct Tracker {
+    next: AtomicU64,
+    tasks: Mutex<HashMap<u64, AbortHandle>>,
+    idle: Notify,
+}
+
+struct TrackGuard {
+    id: u64,
+    tracker: Arc<Tracker>,
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        let mut tasks = self
+            .tracker
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        tasks.remove(&self.id);
+        if tasks.is_empty() {
+            self.tracker.idle.notify_waiters();
+        }
+    }
+}
+
+impl Tracker {
+    fn spawn<F>(self: &Arc<Self>, make: impl FnOnce(TrackGuard) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let guard = TrackGuard {
+            id,
+            tracker: Arc::clone(self),
+        };
+        let fut = make(guard);
+        // Insert under the lock the task's guard needs, so it cannot remove itself first.
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        let handle = tokio::spawn(fut);
+        tasks.insert(id, handle.abort_handle());
+    }
+
+    async fn drained(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn abort_all(&self) -> usize {
+        let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        for handle in tasks.values() {
+            handle.abort();
+        }
+        tasks.len()
+    }
+}
+
+/// What [`crate::Bus::shutdown`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// True when every running attempt finished within the deadline.
+    pub drained: bool,
+    /// Attempts cancelled at the deadline (they run again on the next start).
+    pub cancelled: usize,
+    /// Deliveries returned to pending for the next start.
+    pub released: u64,
+}
+
+pub(crate) struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) owner: OwnerId,
+    pub(crate) settings: Settings,
+    handlers: Vec<HandlerEntry>,
+    handler_names: Vec<String>,
+    by_name: HashMap<Arc<str>, usize>,
+    queues: Vec<mpsc::UnboundedSender<Job>>,
+    slots: Arc<Semaphore>,
+    global: Arc<Semaphore>,
+    pub(crate) watchers: Arc<Watchers>,
+    claim_wake: Notify,
+    claim_dirty: AtomicBool,
+    paused: watch::Sender<bool>,
+    stopping: watch::Sender<bool>,
+    closed: AtomicBool,
+    attempts: Arc<Tracker>,
+    background: Mutex<Vec<AbortHandle>>,
+}
+
+impl Engine {
+    /// Builds the engine and starts its loops. The store must be open.
+    pub(crate) async fn start(
+        store: Arc<dyn Store>,
+        handlers: Vec<HandlerEntry>,
+        settings: Settings,
+    ) -> Result<Arc<Self>, Error> {
+        let owner = uuid::Uuid::now_v7();
+        store.heartbeat(owner).await?;
+        let handler_names = handlers.iter().map(|h| h.name.to_string()).collect();
+        let by_name = handlers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (Arc::clone(&h.name), i))
+            .collect();
+        let mut queues = Vec::with_capacity(handlers.len());
+        let mut receivers = Vec::with_capacity(handlers.len());
+        for _ in &handlers {
+            // Unbounded in type only: every queued job holds one of `buffer_capacity` slots.
+            let (tx, rx) = mpsc::unbounded_channel();
+            queues.push(tx);
+            receivers.push(rx);
+        }
+        let engine = Arc::new(Self {
+            store,
+            owner,
+            slots: Arc::new(Semaphore::new(settings.buffer_capacity)),
+            global: Arc::new(Semaphore::new(settings.max_concurrency)),
+            paused: watch::Sender::new(settings.start_paused),
+            stopping: watch::Sender::new(false),
+            settings,
+            handlers,
+            handler_names,
+            by_name,
+            queues,
+            watchers: Arc::new(Watchers::default()),
+            claim_wake: Notify::new(),
+            claim_dirty: AtomicBool::new(true),
+            closed: AtomicBool::new(false),
+            attempts: Arc::new(Tracker::default()),
+            background: Mutex::new(Vec::new()),
+        });
+        let mut background = Vec::new();
+        for (index, rx) in receivers.into_iter().enumerate() {
+            background.push(tokio::spawn(Arc::clone(&engine).dispatch(index, rx)).abort_handle());
+        }
+        if !engine.handlers.is_empty() {
+            background.push(tokio::spawn(Arc::clone(&engine).claim_loop()).abort_handle());
+        }
+        background.push(tokio::spawn(Arc::clone(&engine).heartbeat_loop()).abort_handle());
+        background.push(tokio::spawn(Arc::clone(&engine).prune_loop()).abort_handle());
+        *engine
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = background;
+        tracing::debug!(owner = %engine.owner, handlers = engine.handlers.len(), "bus started");
+        Ok(engine)
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Validates, commits, and hands the deliveries to the handlers.
+    pub(crate) async fn commit(
+        self: &Arc<Self>,
+        kind: CommitKind,
+        events: Vec<Event>,
+        watch: bool,
+    ) -> Result<(u64, OperationId, Option<WatchGuard>), Error> {
+        if self.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
+        let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
+        let operation_id = OperationId::new();
+        let mut routes: Vec<(u32, usize)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            for (h, entry) in self.handlers.iter().enumerate() {
+                if entry.filter.matches(m) {
+                    routes.push((index, h));
+                }
+            }
+        }
+        // Reserve room in memory first: if there is some, the deliveries are leased to us in
+        // the same commit and run without being read back.
+        let permits = if routes.is_empty() {
+            None
+        } else {
+            u32::try_from(routes.len())
+                .ok()
+                .and_then(|n| Arc::clone(&self.slots).try_acquire_many_owned(n).ok())
+        };
+        let guard = watch.then(|| self.watchers.watch(operation_id));
+        let commit = NewCommit {
+            operation_id,
+            kind,
+            created_at_ms: now_ms(),
+            messages: messages.clone(),
+            deliveries: routes
+                .iter()
+                .map(|&(message_index, h)| NewDelivery {
+                    message_index,
+                    handler: Arc::clone(&self.handlers[h].name),
+                })
+                .collect(),
+            lease_to: permits.as_ref().map(|_| self.owner),
+        };
+        let receipt = self.store.append(commit).await?;
+        if let Some(outcome) = receipt.finished {
+            self.watchers.finish(outcome);
+        }
+        match permits {
+            Some(permits) => {
+                let last = routes.len() - 1;
+                let mut rest = Some(permits);
+                for (k, (&(index, h), &id)) in routes.iter().zip(&receipt.delivery_ids).enumerate()
+                {
+                    // One slot per delivery: split one off, the last takes what remains.
+                    let slot = if k == last {
+                        rest.take()
+                    } else {
+                        rest.as_mut().and_then(|p| p.split(1))
+                    };
+                    let Some(slot) = slot else { break };
+                    let job = Job {
+                        id,
+                        fence: 1,
+                        attempts: 0,
+                        position: receipt.position,
+                        operation_id,
+                        index,
+                        message: Arc::clone(&messages[index as usize]),
+                        handler: h,
+                        _slot: slot,
+                    };
+                    self.enqueue(job);
+                }
+            }
+            None if !routes.is_empty() => self.wake_claimer(),
+            None => {}
+        }
+        Ok((receipt.position, operation_id, guard))
+    }
+
+    pub(crate) fn operation(self: &Arc<Self>, position: u64, guard: WatchGuard) -> Operation {
+        Operation {
+            position,
+            guard,
+            engine: Arc::clone(self),
+        }
+    }
+
+    fn enqueue(&self, job: Job) {
+        // A closed queue means shutdown: the job's lease is released with the others.
+        let _ = self.queues[job.handler].send(job);
+    }
+
+    pub(crate) fn wake_claimer(&self) {
+        self.claim_dirty.store(true, Ordering::Release);
+        self.claim_wake.notify_one();
+    }
+
+    pub(crate) fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub(crate) fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// Waits for an operation watched in this process, checking the store now and then so that
+    /// an outcome recorded elsewhere is seen too.
+    pub(crate) async fn wait_watched(&self, guard: &WatchGuard) -> Result<Outcome, Error> {
+        loop {
+            tokio::select! {
+                outcome = guard.watch.outcome() => return outcome,
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+            match self.store.operation(guard.id).await? {
+                Some(OperationState::Finished(outcome)) => return Ok(outcome),
+                Some(OperationState::Pending { .. }) => {}
+                None => return Err(Error::UnknownOperation(guard.id)),
+            }
+        }
+    }
+
+    /// Waits for any operation by id.
+    pub(crate) async fn wait(&self, id: OperationId) -> Result<Outcome, Error> {
+        let guard = self.watchers.watch(id);
+        match self.store.operation(id).await? {
+            None => Err(Error::UnknownOperation(id)),
+            Some(OperationState::Finished(outcome)) => Ok(outcome),
+            Some(OperationState::Pending { .. }) => self.wait_watched(&guard).await,
+        }
+    }
+
+    async fn wait_unpaused(&self) -> bool {
+        let mut paused = self.paused.subscribe();
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            if *stopping.borrow_and_update() {
+                return false;
+            }
+            if !*paused.borrow_and_update() {
+                return true;
+            }
+            tokio::select! {
+                r = paused.changed() => if r.is_err() { return false },
+                r = stopping.changed() => if r.is_err() { return false },
+            }
+        }
+    }
+
+    /// Runs the jobs of one handler, within its concurrency limit and the global one.
+    async fn dispatch(self: Arc<Self>, index: usize, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let local = Arc::new(Semaphore::new(
+            self.handlers[index].policy.concurrency.max(1),
+        ));
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            let job = tokio::select! {
+                job = rx.recv() => match job { Some(job) => job, None => return },
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            if !self.wait_unpaused().await {
+                return;
+            }
+            let permits = tokio::select! {
+                p = async {
+                    let l = Arc::clone(&local).acquire_owned().await;
+                    let g = Arc::clone(&self.global).acquire_owned().await;
+                    (l, g)
+                } => p,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let (Ok(l), Ok(g)) = permits else { return };
+            let engine = Arc::clone(&self);
+            self.attempts.spawn(move |guard| async move {
+                engine.run_attempt(job, (l, g)).await;
+                drop(guard);
+            });
+        }
+    }
+
+    async fn run_attempt(
+        self: Arc<Self>,
+        job: Job,
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) {
+        let entry = &self.handlers[job.handler];
+        let attempt = job.attempts + 1;
+        let message = Message::new(
+            Arc::clone(&job.message),
+            DeliveryContext {
+                operation_id: job.operation_id,
+                position: job.position,
+                index: job.index,
+                handler: Arc::clone(&entry.name),
+                attempt,
+                delivery_id: job.id,
+            },
+        );
+        let call = AssertUnwindSafe(entry.handler.call(message)).catch_unwind();
+        let ran = tokio::time::timeout(entry.policy.timeout, call).await;
+        drop(permits);
+        let transient = match ran {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(crate::HandlerError::Reject(reason)))) => {
+                Some((FailureKind::Rejected, reason))
+            }
+            Ok(Ok(Err(crate::HandlerError::Transient(reason)))) => {
+                Some((FailureKind::RetriesExhausted, reason))
+            }
+            Ok(Err(panic)) => Some((FailureKind::Panicked, panic_message(panic.as_ref()))),
+            Err(_) => Some((
+                FailureKind::TimedOut,
+                format!("timed out after {:?}", entry.policy.timeout),
+            )),
+        };
+        let mut retry_in = None;
+        let (result, progress) = match transient {
+            None => (
+                DeliveryResult::Succeeded,
+                Progress::Succeeded {
+                    event_index: job.index,
+                    handler: entry.name.to_string(),
+                    attempt,
+                },
+            ),
+            Some((kind, reason))
+                if kind != FailureKind::Rejected && attempt <= entry.policy.max_retries =>
+            {
+                let delay = entry.policy.backoff.delay(attempt);
+                retry_in = Some(delay);
+                tracing::debug!(handler = %entry.name, delivery = job.id, attempt, %reason, "attempt failed; retrying");
+                let next_at_ms =
+                    now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                (
+                    DeliveryResult::Retry {
+                        next_at_ms,
+                        error: reason.clone(),
+                    },
+                    Progress::Retrying {
+                        event_index: job.index,
+                        handler: entry.name.to_string(),
+                        attempt,
+                        reason,
+                        retry_in: delay,
+                    },
+                )
+            }
+            Some((kind, reason)) => {
+                let failure = Failure {
+                    event_index: job.index,
+                    event_type: job.message.event_type.clone(),
+                    handler: entry.name.to_string(),
+                    kind,
+                    reason,
+                    attempts: attempt,
+                };
+                tracing::warn!(handler = %entry.name, delivery = job.id, %failure, "delivery failed");
+                (
+                    DeliveryResult::Failed {
+                        failure: failure.clone(),
+                        dead: kind != FailureKind::Rejected,
+                    },
+                    Progress::Failed(failure),
+                )
+            }
+        };
+        let completion = Completion {
+            delivery_id: job.id,
+            fence: job.fence,
+            position: job.position,
+            attempts: attempt,
+            result,
+        };
+        // Progress goes out before the ack, so it always precedes the outcome, which needs
+        // every ack; the outcome itself is reported only once it is durable.
+        self.watchers.progress(job.operation_id, progress);
+        match self.complete(completion).await {
+            Some(CompletionEffect::Applied(finished)) => {
+                if let Some(outcome) = finished {
+                    self.watchers.finish(outcome);
+                }
+            }
+            Some(CompletionEffect::Stale) => {
+                tracing::warn!(handler = %entry.name, delivery = job.id, fence = job.fence,
+                    "the lease was taken over; this attempt's result was discarded");
+                return;
+            }
+            None => return,
+        }
+        if let Some(delay) = retry_in {
+            let engine = Arc::clone(&self);
+            let mut stopping = self.stopping.subscribe();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {
+                        let job = Job { attempts: attempt, ..job };
+                        engine.enqueue(job);
+                    }
+                    _ = stopping.wait_for(|s| *s) => {}
+                }
+            });
+        }
+    }
+
+    /// Records one completion, retrying while the store fails. `None` when shutting down.
+    async fn complete(&self, completion: Completion) -> Option<CompletionEffect> {
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.store.complete(vec![completion.clone()]).await {
+                Ok(mut effects) => return effects.pop(),
+                Err(e) => {
+                    if self.is_stopping() || matches!(e, crate::store::Error::Closed) {
+                        tracing::warn!(delivery = completion.delivery_id, error = %e,
+                            "could not record an attempt; the delivery runs again after restart");
+                        return None;
+                    }
+                    tracing::error!(delivery = completion.delivery_id, error = %e,
+                        "could not record an attempt; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn job_from_claim(&self, d: ClaimedDelivery, slot: OwnedSemaphorePermit) -> Option<Job> {
+        let Some(&handler) = self.by_name.get(d.handler.as_str()) else {
+            tracing::warn!(handler = %d.handler, "claimed a delivery for a handler this bus does not have");
+            return None;
+        };
+        Some(Job {
+            id: d.id,
+            fence: d.fence,
+            attempts: d.attempts,
+            position: d.position,
+            operation_id: d.operation_id,
+            index: d.message_index,
+            message: d.message,
+            handler,
+            _slot: slot,
+        })
+    }
+
+    /// Leases pending and abandoned deliveries from the store as memory frees up.
+    async fn claim_loop(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            if !self.claim_dirty.load(Ordering::Acquire) {
+                tokio::select! {
+                    () = self.claim_wake.notified() => {}
+                    () = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+            }
+            let first = tokio::select! {
+                p = Arc::clone(&self.slots).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stopping.wait_for(|s| *s) => return,
+            };
+            let mut slots = vec![first];
+            while slots.len() < self.settings.claim_batch {
+                match Arc::clone(&self.slots).try_acquire_owned() {
+                    Ok(p) => slots.push(p),
+                    Err(_) => break,
+                }
+            }
+            let wanted = slots.len();
+            self.claim_dirty.store(false, Ordering::Release);
+            match self
+                .store
+                .claim(
+                    self.owner,
+                    &self.handler_names,
+                    wanted,
+                    self.settings.lease_ttl,
+                )
+                .await
+            {
+                Ok(claimed) => {
+                    let got = claimed.len();
+                    if got > 0 {
+                        tracing::debug!(count = got, "claimed deliveries from the store");
+                    }
+                    for (d, slot) in claimed.into_iter().zip(slots.drain(..)) {
+                        if let Some(job) = self.job_from_claim(d, slot) {
+                            self.enqueue(job);
+                        }
+                    }
+                    if got == wanted {
+                        self.claim_dirty.store(true, Ordering::Release);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming deliveries failed; retrying");
+                    self.claim_dirty.store(true, Ordering::Release);
+                    drop(slots);
+                    tokio::select! {
+                        () = tokio::time::sleep(self.settings.poll_interval) => {}
+                        _ = stopping.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let period = (self.settings.lease_ttl / 3).max(Duration::from_millis(10));
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.store.heartbeat(self.owner).await {
+                tracing::error!(error = %e, "heartbeat failed; leases may be taken over");
+            }
+        }
+    }
+
+    async fn prune_loop(self: Arc<Self>) {
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.retention.interval) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
+            match self.store.prune(&self.settings.retention).await {
+                Ok(report) if report != Default::default() => {
+                    tracing::debug!(?report, "pruned finished work");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning failed"),
+            }
+        }
+    }
+
+    /// Deliveries and operations held in memory now (for tests and metrics).
+    pub(crate) fn in_memory(&self) -> (usize, usize) {
+        (
+            self.settings.buffer_capacity - self.slots.available_permits(),
+            self.watchers.len(),
+        )
+    }
+
+    pub(crate) async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport, Error> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(ShutdownReport {
+                drained: true,
+                cancelled: 0,
+                released: 0,
+            });
+        }
+        self.stopping.send_replace(true);
+        let drained = tokio::time::timeout(deadline, self.attempts.drained())
+            .await
+            .is_ok();
+        let cancelled = if drained {
+            0
+        } else {
+            self.attempts.abort_all()
+        };
+        for handle in self
+            .background
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            handle.abort();
+        }
+        // Let aborted attempts unwind before their leases are returned.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.attempts.drained()).await;
+        let released = self.store.release(self.owner).await?;
+        self.watchers.close_all();
+        self.store.close().await?;
+        tracing::info!(drained, cancelled, released, "bus shut down");
+        Ok(ShutdownReport {
+            drained,
+            cancelled,
+            released,
+        })
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned());
+    format!("panicked: {text}")
+}

@@ -1,0 +1,52 @@
+//! The errors of the bus API.
+
+use crate::message::OperationId;
+use crate::store;
+
+/// What went wrong with a bus call. Nothing was written when a call returns one of these,
+/// except where a variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An event was rejected before anything was written.
+    #[error("event {index} ({event_type:?}) rejected, nothing was written: {reason}")]
+    InvalidEvent {
+        /// The event's index in the list handed to `transact`.
+        index: usize,
+        /// Its event type.
+        event_type: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `transact` was called with no events.
+    #[error("transact needs at least one event; nothing was written")]
+    NoEvents,
+    /// More events in one commit than the configured limit.
+    #[error("{count} events in one commit exceed the limit of {limit} (BusBuilder::max_events_per_commit); nothing was written")]
+    TooManyEvents {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The bus was built without a store.
+    #[error("no store configured: call BusBuilder::store(..) before build()")]
+    NoStore,
+    /// The configuration is inconsistent.
+    #[error("invalid bus configuration: {0}")]
+    Config(String),
+    /// The store failed; the call may or may not have been applied only where the store says so.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The bus is shutting down and takes no new work.
+    #[error("the bus is shutting down and accepts no new work")]
+    ShuttingDown,
+    /// No operation with this id is known (never committed, or its outcome was pruned by retention).
+    #[error(
+        "unknown operation {0}: never committed here, or its outcome was removed by retention"
+    )]
+    UnknownOperation(OperationId),
+    /// No dead letter with this id.
+    #[error("no dead letter with delivery id {0}")]
+    UnknownDeadLetter(i64),
+}

@@ -1,0 +1,65 @@
+//! The core of txbus: the message model, the schema registry, the store contract, the engine
+//! and the bus API. It holds no database code: stores live in their own crates
+//! (`txbus-sqlite`, …) and the `txbus` crate puts them together.
+//!
+//! A service hands the bus a list of events; the bus commits them atomically and durably, runs
+//! every subscribed handler until each has succeeded (retrying with backoff, enforcing
+//! timeouts, containing panics) and reports the outcome as a future, as a stream of progress,
+//! or later by operation id.
+//!
+//! ```no_run
+//! # async fn example(store: impl txbus_core::Store) -> Result<(), txbus_core::Error> {
+//! use serde_json::json;
+//! use txbus_core::{Bus, Event, HandlerError, Message, On};
+//!
+//! let bus = Bus::builder()
+//!     .store(store)
+//!     .handler("user-writer", On::event("user.created").module("user"), |msg: Message| async move {
+//!         let email = msg.payload()["email"].as_str().unwrap_or_default().to_owned();
+//!         if email.is_empty() {
+//!             return Err(HandlerError::reject("no e-mail"));
+//!         }
+//!         Ok(())
+//!     })
+//!     .build()
+//!     .await?;
+//!
+//! let op = bus
+//!     .transact([Event::new("user.created", json!({"user_id": 1, "email": "a@b.c"})).module("user")])
+//!     .await?;
+//! let outcome = op.outcome().await?;
+//! assert!(outcome.is_ok());
+//! # Ok(()) }
+//! ```
+
+pub mod bus;
+pub mod chain;
+mod engine;
+pub mod error;
+pub mod filter;
+pub mod handler;
+mod limits;
+pub mod message;
+pub mod operation;
+pub mod outcome;
+pub mod policy;
+pub mod retention;
+pub mod schema;
+pub mod store;
+
+pub use bus::{Bus, BusBuilder};
+pub use chain::{Broken, VerifyReport};
+pub use engine::ShutdownReport;
+pub use error::Error;
+pub use filter::On;
+pub use handler::{Handler, HandlerError, HandlerResult, Typed};
+pub use limits::Limits;
+pub use message::{
+    DeliveryContext, Event, Headers, Message, MessageId, OperationId, StoredMessage, TypedEvent,
+};
+pub use operation::Operation;
+pub use outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
+pub use policy::{Backoff, Policy, PolicyOverride};
+pub use retention::{Keep, PruneReport, Retention};
+pub use schema::SchemaRegistry;
+pub use store::{DeadLetter, DeadLetterQuery, Stats, Store};

@@ -1,0 +1,362 @@
+//! The store contract: what a backend implements so that every txbus feature works on it.
+//!
+//! A store keeps one ordered log of commits (each with its messages and hashes), a delivery per
+//! (message, subscribed handler) with a lease, and each operation's outcome. The engine
+//! ([`crate::Bus`]) does the rest. Writes that arrive together should be committed together
+//! (group commit): the engine issues many small concurrent calls and relies on the store to
+//! batch them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::chain::Hash;
+use crate::message::{OperationId, StoredMessage};
+use crate::outcome::{Failure, OperationState, Outcome};
+use crate::retention::{PruneReport, Retention};
+
+/// Identifies one running bus instance: the holder of leases.
+pub type OwnerId = Uuid;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The backend failed (I/O, SQL, connection). Whether the call was applied is unknown only
+    /// when `maybe_applied` is true.
+    #[error("store backend failed: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The store is closed (shut down, or its writer stopped).
+    #[error("the store is closed; open it again")]
+    Closed,
+    /// The store is held by another process.
+    #[error(
+        "the store at {path} is in use by another process; embedded stores allow one bus per file"
+    )]
+    Locked {
+        /// The store's path.
+        path: String,
+    },
+    /// Stored data could not be read back (corrupt or edited by hand).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The stored schema is newer than this version of txbus.
+    #[error("the store's schema version {found} is newer than this txbus supports ({supported}); upgrade txbus")]
+    SchemaTooNew {
+        /// Version in the store.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+}
+
+impl Error {
+    /// A backend error from any error type.
+    pub fn backend(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Backend {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+/// How a commit came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CommitKind {
+    /// A `transact`: its caller waits for the outcome.
+    Transact = 1,
+    /// A `publish`: nobody waits.
+    Publish = 2,
+}
+
+impl CommitKind {
+    /// From its stored number.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Transact),
+            2 => Some(Self::Publish),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery to create with a commit.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// Index of the message within the commit.
+    pub message_index: u32,
+    /// The handler's stable name.
+    pub handler: Arc<str>,
+}
+
+/// A commit to append.
+#[derive(Debug, Clone)]
+pub struct NewCommit {
+    /// The operation this commit is.
+    pub operation_id: OperationId,
+    /// Transact or publish.
+    pub kind: CommitKind,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+    /// The messages, validated.
+    pub messages: Vec<Arc<StoredMessage>>,
+    /// One delivery per (message, subscribed handler).
+    pub deliveries: Vec<NewDelivery>,
+    /// When set, the deliveries are created already leased to this owner (fence 1), so that the
+    /// committing process runs them without another round trip; otherwise they are pending.
+    pub lease_to: Option<OwnerId>,
+}
+
+/// What an append returns once the commit is durable.
+#[derive(Debug, Clone)]
+pub struct AppendReceipt {
+    /// The commit's position in the log (1, 2, …).
+    pub position: u64,
+    /// The delivery ids, in the order of [`NewCommit::deliveries`].
+    pub delivery_ids: Vec<i64>,
+    /// The commit's chain hash.
+    pub chain_hash: Hash,
+    /// Set when the commit had no deliveries: the operation is finished at once.
+    pub finished: Option<Outcome>,
+}
+
+/// A delivery leased by [`Store::claim`].
+#[derive(Debug, Clone)]
+pub struct ClaimedDelivery {
+    /// The delivery id.
+    pub id: i64,
+    /// The fencing token of this lease; acks must carry it.
+    pub fence: i64,
+    /// Attempts already finished.
+    pub attempts: u32,
+    /// The commit's position.
+    pub position: u64,
+    /// The operation.
+    pub operation_id: OperationId,
+    /// Index of the message in the commit.
+    pub message_index: u32,
+    /// The handler.
+    pub handler: String,
+    /// The message.
+    pub message: Arc<StoredMessage>,
+}
+
+/// What became of one delivery attempt.
+#[derive(Debug, Clone)]
+pub enum DeliveryResult {
+    /// The handler succeeded.
+    Succeeded,
+    /// The attempt failed; try again at `next_at_ms`. The lease stays with the owner.
+    Retry {
+        /// When the next attempt may run.
+        next_at_ms: i64,
+        /// Why this one failed.
+        error: String,
+    },
+    /// Failed for good; the operation fails with this failure. `dead` puts the delivery in
+    /// the dead-letter set (retries exhausted, timeout, panic); otherwise it was rejected.
+    Failed {
+        /// The failure to record as the operation's outcome.
+        failure: Failure,
+        /// True for a dead letter; false for a rejection.
+        dead: bool,
+    },
+}
+
+/// An acknowledgement of one attempt.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The delivery.
+    pub delivery_id: i64,
+    /// The fence of the lease the attempt ran under: a stale fence counts for nothing.
+    pub fence: i64,
+    /// The commit's position (the operation to update).
+    pub position: u64,
+    /// Attempts finished, including this one.
+    pub attempts: u32,
+    /// What happened.
+    pub result: DeliveryResult,
+}
+
+/// What a completion did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompletionEffect {
+    /// The lease was superseded (fence moved on, or the delivery was released): nothing changed.
+    Stale,
+    /// Applied; carries the operation's outcome when this completion finished it.
+    Applied(Option<Outcome>),
+}
+
+/// A commit as read back from the log.
+#[derive(Debug, Clone)]
+pub struct CommitRecord {
+    /// Its position.
+    pub position: u64,
+    /// Its operation.
+    pub operation_id: OperationId,
+    /// Transact or publish.
+    pub kind: CommitKind,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// Its messages.
+    pub messages: Vec<StoredMessage>,
+    /// The stored data hash.
+    pub data_hash: Hash,
+    /// The stored chain hash.
+    pub chain_hash: Hash,
+}
+
+/// The hashed fields of one message, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct LogMessage<'a> {
+    /// Message id.
+    pub id: Uuid,
+    /// Event type.
+    pub event_type: &'a str,
+    /// Module.
+    pub module: Option<&'a str>,
+    /// Payload as stored.
+    pub payload_json: &'a str,
+    /// Headers as stored.
+    pub headers_json: &'a str,
+}
+
+impl<'a> From<&'a StoredMessage> for LogMessage<'a> {
+    fn from(m: &'a StoredMessage) -> Self {
+        Self {
+            id: m.id.0,
+            event_type: &m.event_type,
+            module: m.module.as_deref(),
+            payload_json: &m.payload_json,
+            headers_json: &m.headers_json,
+        }
+    }
+}
+
+/// A delivery in the dead-letter set.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The delivery id (use it to replay).
+    pub delivery_id: i64,
+    /// The operation.
+    pub operation_id: OperationId,
+    /// The commit's position.
+    pub position: u64,
+    /// Index of the message in the commit.
+    pub message_index: u32,
+    /// The handler.
+    pub handler: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: String,
+    /// When it died, ms since the epoch.
+    pub failed_at_ms: i64,
+    /// The message.
+    pub message: StoredMessage,
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterQuery {
+    /// Only this handler's.
+    pub handler: Option<String>,
+    /// Only those with a delivery id greater than this (for paging).
+    pub after_id: Option<i64>,
+    /// At most this many (the store caps it at 1000).
+    pub limit: usize,
+}
+
+/// Counts of deliveries by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    /// Waiting to be leased.
+    pub pending: u64,
+    /// Leased to a running bus.
+    pub leased: u64,
+    /// Succeeded (within retention).
+    pub succeeded: u64,
+    /// Rejected (within retention).
+    pub rejected: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+/// A summary of the store's contents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Commits in the log.
+    pub commits: u64,
+    /// Messages in the log.
+    pub messages: u64,
+    /// Deliveries by status.
+    pub deliveries: DeliveryCounts,
+    /// Operations without an outcome yet.
+    pub pending_operations: u64,
+}
+
+/// The store contract.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Appends one commit atomically and durably (under the store's durability setting), with
+    /// its data and chain hashes and its deliveries. Returns once it is durable; on error
+    /// nothing was written.
+    async fn append(&self, commit: NewCommit) -> Result<AppendReceipt, Error>;
+
+    /// Leases up to `limit` deliveries for `handlers` that are due: pending ones whose time has
+    /// come, and leased ones whose owner has not sent a heartbeat within `lease_ttl`. Each lease
+    /// gets a new, higher fence.
+    async fn claim(
+        &self,
+        owner: OwnerId,
+        handlers: &[String],
+        limit: usize,
+        lease_ttl: Duration,
+    ) -> Result<Vec<ClaimedDelivery>, Error>;
+
+    /// Records attempts. A completion whose fence is not the delivery's current one, or whose
+    /// delivery is no longer leased, is [`CompletionEffect::Stale`] and changes nothing.
+    async fn complete(&self, completions: Vec<Completion>) -> Result<Vec<CompletionEffect>, Error>;
+
+    /// Records that `owner` is alive; its leases stay valid for `lease_ttl` from now.
+    async fn heartbeat(&self, owner: OwnerId) -> Result<(), Error>;
+
+    /// Returns every delivery leased by `owner` to pending (on shutdown), keeping their
+    /// scheduled times, and forgets the owner.
+    async fn release(&self, owner: OwnerId) -> Result<u64, Error>;
+
+    /// Reads an operation's state; `None` when unknown or pruned.
+    async fn operation(&self, id: OperationId) -> Result<Option<OperationState>, Error>;
+
+    /// Lists dead letters, oldest first.
+    async fn dead_letters(&self, query: DeadLetterQuery) -> Result<Vec<DeadLetter>, Error>;
+
+    /// Puts a dead letter back to pending with its attempts reset. False when it is not a
+    /// dead letter (unknown, already replayed, or pruned).
+    async fn replay(&self, delivery_id: i64) -> Result<bool, Error>;
+
+    /// Removes finished deliveries and outcomes beyond the retention bounds.
+    async fn prune(&self, retention: &Retention) -> Result<PruneReport, Error>;
+
+    /// Reads up to `limit` commits after `after_position`, in position order.
+    async fn read_log(&self, after_position: u64, limit: usize)
+        -> Result<Vec<CommitRecord>, Error>;
+
+    /// Counts what the store holds.
+    async fn stats(&self) -> Result<Stats, Error>;
+
+    /// Flushes and closes; later calls fail with [`Error::Closed`].
+    async fn close(&self) -> Result<(), Error>;
+}

@@ -1,0 +1,233 @@
+//! Reads, on their own connection: they never wait for the writer.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use txbus_core::chain::Hash;
+use txbus_core::store::{
+    CommitKind, CommitRecord, DeadLetter, DeadLetterQuery, DeliveryCounts, Error, Stats,
+};
+use txbus_core::{Failure, OperationId, OperationState, Outcome};
+
+use crate::error::sql;
+use crate::schema::{op_status, status};
+use crate::writer::{op_id, stored_message};
+
+pub(crate) fn operation(c: &Connection, id: OperationId) -> Result<Option<OperationState>, Error> {
+    let row: Option<(i64, i64, Option<String>, Option<i64>)> = c
+        .prepare_cached("SELECT op_status, op_remaining, op_error, op_finished_at FROM commits WHERE op_id = ?1")
+        .and_then(|mut s| {
+            s.query_row(params![id.0.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()
+        })
+        .map_err(sql("reading an operation"))?;
+    let Some((st, remaining, error, finished_at)) = row else {
+        return Ok(None);
+    };
+    let finished_at_ms = finished_at.unwrap_or(0);
+    Ok(match st {
+        op_status::PENDING => Some(OperationState::Pending {
+            operation_id: id,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+        }),
+        op_status::SUCCEEDED => Some(OperationState::Finished(Outcome {
+            operation_id: id,
+            error: None,
+            finished_at_ms,
+        })),
+        op_status::FAILED => {
+            let text = error.unwrap_or_default();
+            let failure: Failure = serde_json::from_str(&text).map_err(|e| {
+                Error::Corrupt(format!("operation {id}: stored failure is unreadable: {e}"))
+            })?;
+            Some(OperationState::Finished(Outcome {
+                operation_id: id,
+                error: Some(failure),
+                finished_at_ms,
+            }))
+        }
+        op_status::PRUNED => None,
+        other => {
+            return Err(Error::Corrupt(format!(
+                "operation {id}: unknown status {other}"
+            )))
+        }
+    })
+}
+
+pub(crate) fn dead_letters(c: &Connection, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, Error> {
+    let limit = q.limit.clamp(1, 1000) as i64;
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT d.id, c.op_id, d.position, d.idx, d.handler, d.attempts, d.last_error, d.updated_at,
+                    m.id, m.event_type, m.module, m.payload, m.headers
+             FROM deliveries d
+             JOIN messages m ON m.position = d.position AND m.idx = d.idx
+             JOIN commits c ON c.position = d.position
+             WHERE d.status = ?1 AND d.id > ?2 AND (?3 IS NULL OR d.handler = ?3)
+             ORDER BY d.id LIMIT ?4",
+        )
+        .map_err(sql("preparing the dead-letter query"))?;
+    let rows = stmt
+        .query_map(
+            params![status::DEAD, q.after_id.unwrap_or(0), q.handler, limit],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, Vec<u8>>(8)?,
+                    r.get::<_, String>(9)?,
+                    r.get::<_, Option<String>>(10)?,
+                    r.get::<_, String>(11)?,
+                    r.get::<_, String>(12)?,
+                ))
+            },
+        )
+        .map_err(sql("listing dead letters"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (
+            id,
+            op,
+            position,
+            idx,
+            handler,
+            attempts,
+            error,
+            at,
+            mid,
+            et,
+            module,
+            payload,
+            headers,
+        ) = row.map_err(sql("reading a dead letter"))?;
+        let message = stored_message(&mid, et, module, payload, headers).map_err(Error::Corrupt)?;
+        out.push(DeadLetter {
+            delivery_id: id,
+            operation_id: op_id(&op)?,
+            position: u64::try_from(position).unwrap_or(0),
+            message_index: u32::try_from(idx).unwrap_or(0),
+            handler,
+            attempts: u32::try_from(attempts).unwrap_or(0),
+            error: error.unwrap_or_default(),
+            failed_at_ms: at,
+            message,
+        });
+    }
+    Ok(out)
+}
+
+fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
+    v.try_into()
+        .map_err(|_| Error::Corrupt(format!("commit {position}: a hash is not 32 bytes")))
+}
+
+pub(crate) fn log(c: &Connection, after: u64, limit: usize) -> Result<Vec<CommitRecord>, Error> {
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let limit = i64::try_from(limit.clamp(1, 10_000)).unwrap_or(1);
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT position, op_id, kind, created_at, data_hash, chain_hash FROM commits
+             WHERE position > ?1 ORDER BY position LIMIT ?2",
+        )
+        .map_err(sql("preparing the log query"))?;
+    let rows: Vec<(i64, Vec<u8>, i64, i64, Vec<u8>, Vec<u8>)> = stmt
+        .query_map(params![after, limit], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(sql("reading the log"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut msgs = c
+        .prepare_cached(
+            "SELECT id, event_type, module, payload, headers FROM messages WHERE position = ?1 ORDER BY idx",
+        )
+        .map_err(sql("preparing the message query"))?;
+    for (position, op, kind, created_at, data, chain) in rows {
+        let raw: Vec<(Vec<u8>, String, Option<String>, String, String)> = msgs
+            .query_map(params![position], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(sql("reading messages"))?;
+        let mut messages = Vec::with_capacity(raw.len());
+        for (id, et, module, payload, headers) in raw {
+            // Keep the stored text as it is even when it no longer parses: the hash check
+            // must see exactly what is on disk.
+            let message = match stored_message(
+                &id,
+                et.clone(),
+                module.clone(),
+                payload.clone(),
+                headers.clone(),
+            ) {
+                Ok(m) => m,
+                Err(_) => txbus_core::StoredMessage {
+                    id: crate::writer::message_id(&id)?,
+                    event_type: et,
+                    module,
+                    payload: serde_json::Value::Null,
+                    payload_json: payload,
+                    headers: Default::default(),
+                    headers_json: headers,
+                },
+            };
+            messages.push(message);
+        }
+        out.push(CommitRecord {
+            position: u64::try_from(position).unwrap_or(0),
+            operation_id: op_id(&op)?,
+            kind: CommitKind::from_u8(u8::try_from(kind).unwrap_or(0))
+                .ok_or_else(|| Error::Corrupt(format!("commit {position}: unknown kind {kind}")))?,
+            created_at_ms: created_at,
+            messages,
+            data_hash: hash(data, position)?,
+            chain_hash: hash(chain, position)?,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn stats(c: &Connection) -> Result<Stats, Error> {
+    let count = |q: &str| -> Result<u64, Error> {
+        c.query_row(q, [], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(sql("counting"))
+    };
+    let mut deliveries = DeliveryCounts::default();
+    let mut stmt = c
+        .prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
+        .map_err(sql("preparing the delivery count"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(sql("counting deliveries"))?;
+    for row in rows {
+        let (st, n) = row.map_err(sql("counting deliveries"))?;
+        let n = u64::try_from(n).unwrap_or(0);
+        match st {
+            status::PENDING => deliveries.pending = n,
+            status::LEASED => deliveries.leased = n,
+            status::SUCCEEDED => deliveries.succeeded = n,
+            status::REJECTED => deliveries.rejected = n,
+            status::DEAD => deliveries.dead = n,
+            _ => {}
+        }
+    }
+    Ok(Stats {
+        commits: count("SELECT COUNT(*) FROM commits")?,
+        messages: count("SELECT COUNT(*) FROM messages")?,
+        deliveries,
+        pending_operations: count("SELECT COUNT(*) FROM commits WHERE op_status = 0")?,
+    })
+}

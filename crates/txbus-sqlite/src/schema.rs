@@ -1,0 +1,108 @@
+//! The store's schema: versioned migrations, applied on open.
+
+use rusqlite::Connection;
+use txbus_core::store::Error;
+
+use crate::error::sql;
+
+/// Delivery statuses as stored.
+pub(crate) mod status {
+    pub const PENDING: i64 = 0;
+    pub const LEASED: i64 = 1;
+    pub const SUCCEEDED: i64 = 2;
+    pub const REJECTED: i64 = 3;
+    pub const DEAD: i64 = 4;
+}
+
+/// Operation statuses as stored in `commits.op_status`.
+pub(crate) mod op_status {
+    pub const PENDING: i64 = 0;
+    pub const SUCCEEDED: i64 = 1;
+    pub const FAILED: i64 = 2;
+    /// The outcome was removed by retention.
+    pub const PRUNED: i64 = 3;
+}
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE commits (
+    position       INTEGER PRIMARY KEY,
+    op_id          BLOB    NOT NULL,
+    kind           INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    message_count  INTEGER NOT NULL,
+    data_hash      BLOB    NOT NULL,
+    chain_hash     BLOB    NOT NULL,
+    op_status      INTEGER NOT NULL,
+    op_remaining   INTEGER NOT NULL,
+    op_error       TEXT,
+    op_finished_at INTEGER
+);
+CREATE UNIQUE INDEX commits_op_id ON commits (op_id);
+CREATE INDEX commits_finished ON commits (op_finished_at) WHERE op_status IN (1, 2);
+
+CREATE TABLE messages (
+    position   INTEGER NOT NULL,
+    idx        INTEGER NOT NULL,
+    id         BLOB    NOT NULL,
+    event_type TEXT    NOT NULL,
+    module     TEXT,
+    payload    TEXT    NOT NULL,
+    headers    TEXT    NOT NULL,
+    PRIMARY KEY (position, idx)
+) WITHOUT ROWID;
+
+CREATE TABLE deliveries (
+    id         INTEGER PRIMARY KEY,
+    position   INTEGER NOT NULL,
+    idx        INTEGER NOT NULL,
+    handler    TEXT    NOT NULL,
+    status     INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL,
+    fence      INTEGER NOT NULL,
+    owner      BLOB,
+    next_at    INTEGER NOT NULL,
+    last_error TEXT,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX deliveries_pending ON deliveries (next_at, id) WHERE status = 0;
+CREATE INDEX deliveries_leased ON deliveries (owner) WHERE status = 1;
+CREATE INDEX deliveries_finished ON deliveries (status, updated_at) WHERE status >= 2;
+
+CREATE TABLE owners (
+    owner        BLOB PRIMARY KEY,
+    heartbeat_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#];
+
+/// The newest schema version this build knows.
+pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to date in one transaction.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), Error> {
+    let found: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("reading the schema version"))?;
+    if found > VERSION {
+        return Err(Error::SchemaTooNew {
+            found,
+            supported: VERSION,
+        });
+    }
+    if found == VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction().map_err(sql("starting the migration"))?;
+    for (i, migration) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        tx.execute_batch(migration)
+            .map_err(sql("applying a migration"))?;
+        tracing::info!(version = i + 1, "applied store migration");
+    }
+    tx.pragma_update(None, "user_version", VERSION)
+        .map_err(sql("recording the schema version"))?;
+    tx.commit().map_err(sql("committing the migration"))
+}

@@ -1,0 +1,230 @@
+//! The store contract on SQLite: leases and fencing, and the hash chain against edits made
+//! directly in the database file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use txbus_core::chain::{self, Broken};
+use txbus_core::store::{
+    CommitKind, Completion, CompletionEffect, DeliveryResult, NewCommit, NewDelivery, Store,
+};
+use txbus_core::{OperationId, StoredMessage};
+use txbus_sqlite::SqliteStore;
+
+fn message(n: u64) -> Arc<StoredMessage> {
+    let payload = json!({"n": n});
+    Arc::new(StoredMessage {
+        id: txbus_core::MessageId::new(),
+        event_type: "thing.happened".into(),
+        module: Some("things".into()),
+        payload_json: payload.to_string(),
+        payload,
+        headers: Default::default(),
+        headers_json: "{}".into(),
+    })
+}
+
+fn commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
+    NewCommit {
+        operation_id: OperationId::new(),
+        kind: CommitKind::Transact,
+        created_at_ms: 1_700_000_000_000 + n as i64,
+        messages: vec![message(n)],
+        deliveries: vec![NewDelivery {
+            message_index: 0,
+            handler: Arc::from("h"),
+        }],
+        lease_to,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_from_a_superseded_lease_counts_for_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("s.db")).unwrap();
+    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let ttl = Duration::from_millis(50);
+    store.heartbeat(a).await.unwrap();
+    store.heartbeat(b).await.unwrap();
+    let receipt = store.append(commit(1, Some(a))).await.unwrap();
+    let id = receipt.delivery_ids[0];
+
+    // While A is alive, B cannot take its lease.
+    let handlers = vec!["h".to_owned()];
+    assert!(store
+        .claim(b, &handlers, 10, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A stops sending heartbeats; after the ttl B takes the lease over with a higher fence.
+    let taken = loop {
+        store.heartbeat(b).await.unwrap();
+        let got = store.claim(b, &handlers, 10, ttl).await.unwrap();
+        if !got.is_empty() {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].id, id);
+    assert_eq!(taken[0].fence, 2);
+
+    // A's late ack (fence 1) is refused and changes nothing; B's ack counts.
+    let ack = |fence| Completion {
+        delivery_id: id,
+        fence,
+        position: receipt.position,
+        attempts: 1,
+        result: DeliveryResult::Succeeded,
+    };
+    assert_eq!(
+        store.complete(vec![ack(1)]).await.unwrap(),
+        vec![CompletionEffect::Stale]
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.deliveries.leased, 1);
+    assert_eq!(stats.pending_operations, 1);
+    match store.complete(vec![ack(2)]).await.unwrap().as_slice() {
+        [CompletionEffect::Applied(Some(outcome))] => assert!(outcome.is_ok()),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A repeat of the same ack is stale too: the delivery is no longer leased.
+    assert_eq!(
+        store.complete(vec![ack(2)]).await.unwrap(),
+        vec![CompletionEffect::Stale]
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_a_process_that_is_gone_are_taken_over_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let gone = uuid::Uuid::now_v7();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.heartbeat(gone).await.unwrap();
+        store.append(commit(1, Some(gone))).await.unwrap();
+        store.close().await.unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let me = uuid::Uuid::now_v7();
+    store.heartbeat(me).await.unwrap();
+    // A long ttl: the old owner is forgotten on open, so its lease is free at once.
+    let got = store
+        .claim(me, &["h".to_owned()], 10, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].fence, 2);
+    assert_eq!(got[0].message.payload, json!({"n": 1}));
+    store.close().await.unwrap();
+}
+
+fn rehash_commit(conn: &rusqlite::Connection, position: i64) -> [u8; 32] {
+    let (op, created): (Vec<u8>, i64) = conn
+        .query_row(
+            "SELECT op_id, created_at FROM commits WHERE position = ?1",
+            [position],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let (id, et, module, payload, headers): (Vec<u8>, String, Option<String>, String, String) =
+        conn.query_row(
+            "SELECT id, event_type, module, payload, headers FROM messages WHERE position = ?1",
+            [position],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .unwrap();
+    chain::data_hash(
+        &uuid::Uuid::from_slice(&op).unwrap(),
+        CommitKind::Transact,
+        created,
+        [txbus_core::store::LogMessage {
+            id: uuid::Uuid::from_slice(&id).unwrap(),
+            event_type: &et,
+            module: module.as_deref(),
+            payload_json: &payload,
+            headers_json: &headers,
+        }],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_the_first_commit_edited_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        for n in 1..=10 {
+            store.append(commit(n, None)).await.unwrap();
+        }
+        let report = chain::verify(&store).await.unwrap();
+        assert!(report.is_intact());
+        assert_eq!(report.verified, 10);
+        store.close().await.unwrap();
+    }
+    // Someone edits a payload directly in the database file.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let n = conn
+            .execute(
+                "UPDATE messages SET payload = '{\"n\":999}' WHERE position = 6",
+                [],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        let report = chain::verify(&store).await.unwrap();
+        assert_eq!(report.first_broken, Some((6, Broken::DataMismatch)));
+        assert_eq!(report.verified, 5);
+        store.close().await.unwrap();
+    }
+
+    // Re-hashing the edited commit is not enough: its chain hash no longer matches.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let data = rehash_commit(&conn, 6);
+        conn.execute(
+            "UPDATE commits SET data_hash = ?1 WHERE position = 6",
+            [&data[..]],
+        )
+        .unwrap();
+    }
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        let report = chain::verify(&store).await.unwrap();
+        assert_eq!(report.first_broken, Some((6, Broken::ChainMismatch)));
+        store.close().await.unwrap();
+    }
+
+    // A removed commit is reported as a gap.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM commits WHERE position = 3", [])
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let report = chain::verify(&store).await.unwrap();
+    assert_eq!(report.first_broken, Some((3, Broken::Gap { expected: 3 })));
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 999).unwrap();
+    }
+    match SqliteStore::open(&path) {
+        Err(txbus_core::store::Error::SchemaTooNew { found: 999, .. }) => {}
+        Err(other) => panic!("unexpected {other:?}"),
+        Ok(_) => panic!("a newer schema must be refused"),
+    }
+}

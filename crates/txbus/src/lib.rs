@@ -1,0 +1,38 @@
+//! txbus: transactional events for Rust services.
+//!
+//! Hand the bus a list of events: it commits them atomically and durably, runs every
+//! subscribed handler until each has succeeded — retrying with backoff, enforcing timeouts,
+//! containing panics — and reports the outcome as a future, as a stream of progress, or later
+//! by operation id, even after a restart.
+//!
+//! ```no_run
+//! use serde_json::json;
+//! use txbus::{Bus, Event, HandlerError, Message, On, SqliteStore};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = Bus::builder()
+//!     .store(SqliteStore::open("./data/txbus.db")?)
+//!     .handler("user-writer", On::event("user.created").module("user"), |msg: Message| async move {
+//!         // write the business row here, idempotently (msg.id() is stable across attempts)
+//!         Ok::<(), HandlerError>(())
+//!     })
+//!     .build()
+//!     .await?;
+//!
+//! let op = bus
+//!     .transact([
+//!         Event::new("user.created", json!({"user_id": 42, "email": "a@b.com"})).module("user"),
+//!         Event::new("audit.user-created", json!({"user_id": 42})).module("audit"),
+//!     ])
+//!     .await?; // durable now
+//! let outcome = op.outcome().await?; // every handler of every event succeeded, or why not
+//! assert!(outcome.is_ok());
+//! # Ok(()) }
+//! ```
+//!
+//! Features: `sqlite` (default) brings the embedded store, [`SqliteStore`].
+
+pub use txbus_core::*;
+
+#[cfg(feature = "sqlite")]
+pub use txbus_sqlite::{Durability, SqliteOptions, SqliteStore};

@@ -1,0 +1,647 @@
+//! The bus on the embedded store: outcomes, retries, rejects, timeouts, panics, dead letters,
+//! recovery, shutdown, retention, back-pressure and input validation.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use txbus::{
+    Backoff, Bus, BusBuilder, DeadLetterQuery, Error, Event, FailureKind, HandlerError, Keep,
+    Message, On, OperationState, PolicyOverride, Progress, Retention, SchemaRegistry, SqliteStore,
+    TypedEvent,
+};
+
+/// A bound on how long a test may wait before it is declared hung; never a measurement.
+const HANG: Duration = Duration::from_secs(60);
+
+fn store(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(dir.path().join("bus.db")).unwrap()
+}
+
+fn builder(dir: &tempfile::TempDir) -> BusBuilder {
+    Bus::builder()
+        .store(store(dir))
+        .backoff(Backoff::fixed(Duration::from_millis(5)))
+        .poll_interval(Duration::from_millis(50))
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(HANG, f).await.expect("the test hung")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transact_succeeds_when_every_handler_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let (s1, s2) = (seen.clone(), seen.clone());
+    let bus = builder(&dir)
+        .handler(
+            "user-writer",
+            On::event("user.created").module("user"),
+            move |m: Message| {
+                let s = s1.clone();
+                async move {
+                    assert_eq!(m.attempt(), 1);
+                    assert_eq!(m.payload()["email"], "a@b.c");
+                    s.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
+        .handler("audit", On::in_module("audit"), move |_m: Message| {
+            let s = s2.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let op = bus
+        .transact([
+            Event::new("user.created", json!({"user_id": 1, "email": "a@b.c"})).module("user"),
+            Event::new("audit.user-created", json!({"user_id": 1})).module("audit"),
+        ])
+        .await
+        .unwrap();
+    let updates: Vec<Progress> = within(op.updates().collect()).await;
+    let outcome = within(op.outcome()).await.unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(outcome.operation_id, op.id());
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    let succeeded: Vec<_> = updates
+        .iter()
+        .filter_map(|p| match p {
+            Progress::Succeeded {
+                event_index,
+                handler,
+                ..
+            } => Some((*event_index, handler.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(succeeded.len(), 2, "{updates:?}");
+    assert!(succeeded.contains(&(0, "user-writer".to_owned())));
+    assert!(succeeded.contains(&(1, "audit".to_owned())));
+    assert!(matches!(updates.last(), Some(Progress::Finished(o)) if o.is_ok()));
+    // Readable by id too.
+    match bus.outcome(op.id()).await.unwrap() {
+        Some(OperationState::Finished(o)) => assert!(o.is_ok()),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(bus.wait(op.id()).await.unwrap(), outcome);
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_without_subscribers_succeeds_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = builder(&dir).build().await.unwrap();
+    let op = bus
+        .transact([Event::new("nobody.listens", json!({}))])
+        .await
+        .unwrap();
+    assert!(within(op.outcome()).await.unwrap().is_ok());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_fails_the_operation_at_once_without_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let bus = builder(&dir)
+        .max_retries(5)
+        .handler("ok", On::event("a"), |_m: Message| async { Ok(()) })
+        .handler("picky", On::event("b"), move |_m: Message| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Err(HandlerError::reject("e-mail taken"))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let op = bus
+        .transact([Event::new("a", json!(1)), Event::new("b", json!(2))])
+        .await
+        .unwrap();
+    let outcome = within(op.outcome()).await.unwrap();
+    let failure = outcome.error.expect("the operation must fail");
+    assert_eq!(failure.event_index, 1);
+    assert_eq!(failure.event_type, "b");
+    assert_eq!(failure.handler, "picky");
+    assert_eq!(failure.kind, FailureKind::Rejected);
+    assert_eq!(failure.reason, "e-mail taken");
+    assert_eq!(failure.attempts, 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A rejection is not a dead letter.
+    assert!(bus
+        .dead_letters(DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .is_empty());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_are_retried_until_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = builder(&dir)
+        .max_retries(3)
+        .handler("flaky", On::event("x"), |m: Message| async move {
+            if m.attempt() < 3 {
+                Err(HandlerError::transient(format!(
+                    "not yet ({})",
+                    m.attempt()
+                )))
+            } else {
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let op = bus.transact([Event::new("x", json!({}))]).await.unwrap();
+    let updates: Vec<Progress> = within(op.updates().collect()).await;
+    let retries: Vec<u32> = updates
+        .iter()
+        .filter_map(|p| match p {
+            Progress::Retrying { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries, vec![1, 2]);
+    assert!(matches!(
+        updates.iter().rev().nth(1),
+        Some(Progress::Succeeded { attempt: 3, .. })
+    ));
+    assert!(within(op.outcome()).await.unwrap().is_ok());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_make_a_dead_letter_that_can_be_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = healed.clone();
+    let bus = builder(&dir)
+        .max_retries(2)
+        .handler("fragile", On::event("job"), move |_m: Message| {
+            let h = h.clone();
+            async move {
+                if h.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("disk on fire").into())
+                }
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let id = bus
+        .publish(Event::new("job", json!({"n": 7})))
+        .await
+        .unwrap();
+    let outcome = within(bus.wait(id)).await.unwrap();
+    let failure = outcome.error.unwrap();
+    assert_eq!(failure.kind, FailureKind::RetriesExhausted);
+    assert_eq!(failure.attempts, 3);
+    assert!(failure.reason.contains("disk on fire"));
+
+    let dead = bus
+        .dead_letters(DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].handler, "fragile");
+    assert_eq!(dead[0].attempts, 3);
+    assert_eq!(dead[0].message.payload, json!({"n": 7}));
+    assert_eq!(dead[0].operation_id, id);
+
+    healed.store(true, Ordering::SeqCst);
+    bus.replay(dead[0].delivery_id).await.unwrap();
+    within(async {
+        loop {
+            let s = bus.stats().await.unwrap();
+            if s.deliveries.succeeded == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(bus
+        .dead_letters(DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .is_empty());
+    // Replaying what is no longer a dead letter is a clear error.
+    assert!(matches!(
+        bus.replay(dead[0].delivery_id).await,
+        Err(Error::UnknownDeadLetter(_))
+    ));
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_panics_are_transient_and_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = builder(&dir)
+        .max_retries(1)
+        .handler_with(
+            "sleepy",
+            On::event("slow"),
+            PolicyOverride::default().timeout(Duration::from_millis(50)),
+            |_m: Message| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            },
+        )
+        .handler("boom", On::event("panic"), |m: Message| async move {
+            if m.attempt() == 1 {
+                panic!("first attempt explodes");
+            }
+            Ok(())
+        })
+        .handler(
+            "always-boom",
+            On::event("panic-forever"),
+            |_m: Message| async move {
+                panic!("every attempt explodes");
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let slow = bus.transact([Event::new("slow", json!({}))]).await.unwrap();
+    let failure = within(slow.outcome()).await.unwrap().error.unwrap();
+    assert_eq!(failure.kind, FailureKind::TimedOut);
+    assert_eq!(failure.attempts, 2);
+
+    let once = bus
+        .transact([Event::new("panic", json!({}))])
+        .await
+        .unwrap();
+    assert!(within(once.outcome()).await.unwrap().is_ok());
+
+    let forever = bus
+        .transact([Event::new("panic-forever", json!({}))])
+        .await
+        .unwrap();
+    let failure = within(forever.outcome()).await.unwrap().error.unwrap();
+    assert_eq!(failure.kind, FailureKind::Panicked);
+    assert!(
+        failure.reason.contains("every attempt explodes"),
+        "{}",
+        failure.reason
+    );
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_events_are_rejected_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let schemas = SchemaRegistry::new()
+        .register(
+            "user.created",
+            json!({"type": "object", "required": ["email"], "properties": {"email": {"type": "string"}}}),
+        )
+        .unwrap();
+    let bus = builder(&dir)
+        .schemas(schemas)
+        .max_payload_bytes(64)
+        .handler("h", On::all(), |_m: Message| async { Ok(()) })
+        .build()
+        .await
+        .unwrap();
+    let err = bus
+        .transact([
+            Event::new("user.created", json!({"email": "a@b.c"})),
+            Event::new("user.created", json!({"email": 5})),
+        ])
+        .await
+        .unwrap_err();
+    match &err {
+        Error::InvalidEvent {
+            index,
+            event_type,
+            reason,
+        } => {
+            assert_eq!(*index, 1);
+            assert_eq!(event_type, "user.created");
+            assert!(reason.contains("/email"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let err = bus
+        .transact([Event::new("big", json!({"blob": "x".repeat(100)}))])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("limit is 64"), "{err}");
+    assert!(matches!(
+        bus.transact(Vec::new()).await,
+        Err(Error::NoEvents)
+    ));
+    let stats = bus.stats().await.unwrap();
+    assert_eq!(stats.commits, 0);
+    assert_eq!(stats.messages, 0);
+    assert_eq!(stats.deliveries, Default::default());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn building_without_a_store_is_an_error() {
+    let err = Bus::builder().build().await.unwrap_err();
+    assert!(matches!(err, Error::NoStore), "{err:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = builder(&dir)
+        .handler("same", On::all(), |_m: Message| async { Ok(()) })
+        .handler("same", On::all(), |_m: Message| async { Ok(()) })
+        .build()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("registered twice"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_file_is_opened_by_one_bus_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = store(&dir);
+    let second = SqliteStore::open(dir.path().join("bus.db"));
+    assert!(matches!(second, Err(txbus::store::Error::Locked { .. })));
+    drop(first);
+    assert!(SqliteStore::open(dir.path().join("bus.db")).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // First life: handlers paused, so the work is committed but not done.
+    let bus = builder(&dir)
+        .start_paused(true)
+        .handler("h", On::event("e"), |_m: Message| async { Ok(()) })
+        .build()
+        .await
+        .unwrap();
+    let op = bus
+        .transact([Event::new("e", json!(1)), Event::new("e", json!(2))])
+        .await
+        .unwrap();
+    let id = op.id();
+    drop(op);
+    let report = bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(report.released, 2);
+
+    // Second life: the same handler picks the work up; the outcome is readable by id.
+    let bus = builder(&dir)
+        .handler("h", On::event("e"), |_m: Message| async { Ok(()) })
+        .build()
+        .await
+        .unwrap();
+    let outcome = within(bus.wait(id)).await.unwrap();
+    assert!(outcome.is_ok());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // Third life: nothing to do, the outcome is still there.
+    let bus = builder(&dir).build().await.unwrap();
+    assert!(
+        matches!(bus.outcome(id).await.unwrap(), Some(OperationState::Finished(o)) if o.is_ok())
+    );
+    let unknown = txbus::OperationId::new();
+    assert!(bus.outcome(unknown).await.unwrap().is_none());
+    assert!(matches!(
+        bus.wait(unknown).await,
+        Err(Error::UnknownOperation(_))
+    ));
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_within_its_deadline_and_leaves_the_rest_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let s = started.clone();
+    let bus = builder(&dir)
+        .handler("quick", On::event("quick"), |_m: Message| async { Ok(()) })
+        .handler("stuck", On::event("stuck"), move |_m: Message| {
+            let s = s.clone();
+            async move {
+                s.notify_one();
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let quick = bus
+        .transact([Event::new("quick", json!({}))])
+        .await
+        .unwrap();
+    assert!(within(quick.outcome()).await.unwrap().is_ok());
+    let stuck = bus
+        .transact([Event::new("stuck", json!({}))])
+        .await
+        .unwrap();
+    within(started.notified()).await;
+    let report = bus.shutdown(Duration::from_millis(100)).await.unwrap();
+    assert!(!report.drained);
+    assert_eq!(report.cancelled, 1);
+    assert_eq!(report.released, 1);
+    assert!(matches!(stuck.outcome().await, Err(Error::ShuttingDown)));
+    // After shutdown nothing new is taken.
+    assert!(matches!(
+        bus.publish(Event::new("quick", json!({}))).await,
+        Err(Error::ShuttingDown)
+    ));
+
+    // The next start runs the released delivery to its end.
+    let bus = builder(&dir)
+        .handler("stuck", On::event("stuck"), |_m: Message| async { Ok(()) })
+        .build()
+        .await
+        .unwrap();
+    assert!(within(bus.wait(stuck.id())).await.unwrap().is_ok());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_leaves_work_in_the_store_and_all_of_it_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let bus = builder(&dir)
+        .buffer_capacity(4)
+        .start_paused(true)
+        .handler("count", On::event("n"), move |_m: Message| {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(bus.publish(Event::new("n", json!(i))).await.unwrap());
+    }
+    assert!(bus.buffered() <= 4, "buffered {}", bus.buffered());
+    let stats = bus.stats().await.unwrap();
+    assert!(stats.deliveries.pending >= 196, "{stats:?}");
+    bus.resume();
+    for id in ids {
+        assert!(within(bus.wait(id)).await.unwrap().is_ok());
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 200);
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_concurrency_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let bus = builder(&dir)
+        .handler_with(
+            "two-at-a-time",
+            On::event("w"),
+            PolicyOverride::default().concurrency(2),
+            move |_m: Message| {
+                let (r, p) = (r.clone(), p.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let mut ops = Vec::new();
+    for i in 0..20 {
+        ops.push(bus.transact([Event::new("w", json!(i))]).await.unwrap());
+    }
+    for op in ops {
+        assert!(within(op.outcome()).await.unwrap().is_ok());
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 2);
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct OrderPlaced {
+    order_id: u64,
+    total_cents: u64,
+}
+
+impl TypedEvent for OrderPlaced {
+    const EVENT_TYPE: &'static str = "order.placed";
+    const MODULE: Option<&'static str> = Some("order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_events_and_handlers() {
+    let dir = tempfile::tempdir().unwrap();
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let bus = builder(&dir)
+        .on::<OrderPlaced, _, _>("order-writer", move |e: OrderPlaced, m: Message| {
+            let g = g.clone();
+            async move {
+                assert_eq!(m.module(), Some("order"));
+                g.lock().unwrap().push(e.order_id);
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let op = bus
+        .transact([Event::typed(&OrderPlaced {
+            order_id: 9,
+            total_cents: 100,
+        })
+        .correlation_id("req-1")])
+        .await
+        .unwrap();
+    assert!(within(op.outcome()).await.unwrap().is_ok());
+    assert_eq!(*got.lock().unwrap(), vec![9]);
+    // A payload that does not decode into the typed event is rejected, not retried.
+    let bad = bus
+        .transact([Event::new("order.placed", json!({"order_id": "nine"})).module("order")])
+        .await
+        .unwrap();
+    let failure = within(bad.outcome()).await.unwrap().error.unwrap();
+    assert_eq!(failure.kind, FailureKind::Rejected);
+    assert!(
+        failure.reason.contains("does not decode"),
+        "{}",
+        failure.reason
+    );
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_bounds_finished_deliveries_and_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        succeeded: Keep::new(5, Duration::from_secs(3600)),
+        failed: Keep::new(2, Duration::from_secs(3600)),
+        outcomes: Keep::new(3, Duration::from_secs(3600)),
+        interval: Duration::from_secs(3600),
+    };
+    let bus = builder(&dir)
+        .retention(retention)
+        .max_retries(0)
+        .handler("ok", On::event("ok"), |_m: Message| async { Ok(()) })
+        .handler("bad", On::event("bad"), |_m: Message| async {
+            Err(HandlerError::transient("no"))
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut last = None;
+    for i in 0..20 {
+        let op = bus.transact([Event::new("ok", json!(i))]).await.unwrap();
+        within(op.outcome()).await.unwrap();
+        last = Some(op.id());
+    }
+    for i in 0..6 {
+        let op = bus.transact([Event::new("bad", json!(i))]).await.unwrap();
+        within(op.outcome()).await.unwrap();
+    }
+    let report = bus.prune().await.unwrap();
+    assert_eq!(report.succeeded, 15);
+    assert_eq!(report.failed, 4);
+    assert_eq!(report.outcomes, 26 - 3);
+    let stats = bus.stats().await.unwrap();
+    assert_eq!(stats.deliveries.succeeded, 5);
+    assert_eq!(stats.deliveries.dead, 2);
+    assert_eq!(stats.commits, 26, "the log itself is kept");
+    // The outcome of an early operation is gone; the log still verifies.
+    assert!(bus.outcome(last.unwrap()).await.unwrap().is_none());
+    assert!(bus.verify().await.unwrap().is_intact());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
