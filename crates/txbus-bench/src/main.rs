@@ -1,2 +1,100 @@
-//! Benchmarks (in progress).
-fn main() {}
+//! Benchmarks txbus on its embedded store against the raw limit of the same storage, measured
+//! in the same run.
+//!
+//! ```text
+//! cargo run --release -p txbus-bench -- <scenario> [--json] [--secs N] [--callers N] [--dir PATH]
+//! ```
+//!
+//! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `pending-memory`, `all`.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings from the command line.
+#[derive(Debug, Clone)]
+pub struct Args {
+    scenario: String,
+    json: bool,
+    secs: Duration,
+    callers: usize,
+    dir: Option<PathBuf>,
+    pending: u64,
+}
+
+const USAGE: &str =
+    "usage: txbus-bench <scenario> [--json] [--secs N] [--callers N] [--dir PATH] [--pending N]
+scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, all";
+
+fn parse() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut out = Args {
+        scenario: String::new(),
+        json: false,
+        secs: Duration::from_secs(5),
+        callers: 256,
+        dir: None,
+        pending: 1_000_000,
+    };
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--json" => out.json = true,
+            "--secs" => {
+                let v = value("--secs")?;
+                out.secs = Duration::from_secs_f64(
+                    v.parse()
+                        .map_err(|_| format!("--secs {v:?} is not a number"))?,
+                );
+            }
+            "--callers" => {
+                let v = value("--callers")?;
+                out.callers = v
+                    .parse()
+                    .map_err(|_| format!("--callers {v:?} is not a count"))?;
+            }
+            "--pending" => {
+                let v = value("--pending")?;
+                out.pending = v
+                    .parse()
+                    .map_err(|_| format!("--pending {v:?} is not a count"))?;
+            }
+            "--dir" => out.dir = Some(PathBuf::from(value("--dir")?)),
+            "-h" | "--help" => return Err(USAGE.into()),
+            s if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
+            s if out.scenario.is_empty() => out.scenario = s.to_owned(),
+            s => return Err(format!("unexpected argument {s}\n{USAGE}")),
+        }
+    }
+    if out.scenario.is_empty() {
+        return Err(USAGE.into());
+    }
+    Ok(out)
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let result = rt.block_on(scenarios::run(&args));
+    if let Err(e) = result {
+        eprintln!("txbus-bench: {e}");
+        std::process::exit(1);
+    }
+}

@@ -17,6 +17,7 @@
 mod error;
 mod lock;
 mod read;
+mod row;
 mod schema;
 mod writer;
 

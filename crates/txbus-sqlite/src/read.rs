@@ -8,8 +8,8 @@ use txbus_core::store::{
 use txbus_core::{Failure, OperationId, OperationState, Outcome};
 
 use crate::error::sql;
+use crate::row::{op_id, MessageRow};
 use crate::schema::{op_status, status};
-use crate::writer::{op_id, stored_message};
 
 pub(crate) fn operation(c: &Connection, id: OperationId) -> Result<Option<OperationState>, Error> {
     let row: Option<(i64, i64, Option<String>, Option<i64>)> = c
@@ -53,6 +53,18 @@ pub(crate) fn operation(c: &Connection, id: OperationId) -> Result<Option<Operat
     })
 }
 
+struct DeadRow {
+    id: i64,
+    op: Vec<u8>,
+    position: i64,
+    idx: i64,
+    handler: String,
+    attempts: i64,
+    error: Option<String>,
+    at: i64,
+    message: MessageRow,
+}
+
 pub(crate) fn dead_letters(c: &Connection, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, Error> {
     let limit = q.limit.clamp(1, 1000) as i64;
     let mut stmt = c
@@ -70,52 +82,33 @@ pub(crate) fn dead_letters(c: &Connection, q: &DeadLetterQuery) -> Result<Vec<De
         .query_map(
             params![status::DEAD, q.after_id.unwrap_or(0), q.handler, limit],
             |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, i64>(5)?,
-                    r.get::<_, Option<String>>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, Vec<u8>>(8)?,
-                    r.get::<_, String>(9)?,
-                    r.get::<_, Option<String>>(10)?,
-                    r.get::<_, String>(11)?,
-                    r.get::<_, String>(12)?,
-                ))
+                Ok(DeadRow {
+                    id: r.get(0)?,
+                    op: r.get(1)?,
+                    position: r.get(2)?,
+                    idx: r.get(3)?,
+                    handler: r.get(4)?,
+                    attempts: r.get(5)?,
+                    error: r.get(6)?,
+                    at: r.get(7)?,
+                    message: MessageRow::read(r, 8)?,
+                })
             },
         )
         .map_err(sql("listing dead letters"))?;
     let mut out = Vec::new();
     for row in rows {
-        let (
-            id,
-            op,
-            position,
-            idx,
-            handler,
-            attempts,
-            error,
-            at,
-            mid,
-            et,
-            module,
-            payload,
-            headers,
-        ) = row.map_err(sql("reading a dead letter"))?;
-        let message = stored_message(&mid, et, module, payload, headers).map_err(Error::Corrupt)?;
+        let d = row.map_err(sql("reading a dead letter"))?;
         out.push(DeadLetter {
-            delivery_id: id,
-            operation_id: op_id(&op)?,
-            position: u64::try_from(position).unwrap_or(0),
-            message_index: u32::try_from(idx).unwrap_or(0),
-            handler,
-            attempts: u32::try_from(attempts).unwrap_or(0),
-            error: error.unwrap_or_default(),
-            failed_at_ms: at,
-            message,
+            delivery_id: d.id,
+            operation_id: op_id(&d.op)?,
+            position: u64::try_from(d.position).unwrap_or(0),
+            message_index: u32::try_from(d.idx).unwrap_or(0),
+            handler: d.handler,
+            attempts: u32::try_from(d.attempts).unwrap_or(0),
+            error: d.error.unwrap_or_default(),
+            failed_at_ms: d.at,
+            message: d.message.raw()?,
         });
     }
     Ok(out)
@@ -124,6 +117,15 @@ pub(crate) fn dead_letters(c: &Connection, q: &DeadLetterQuery) -> Result<Vec<De
 fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
     v.try_into()
         .map_err(|_| Error::Corrupt(format!("commit {position}: a hash is not 32 bytes")))
+}
+
+struct CommitRow {
+    position: i64,
+    op: Vec<u8>,
+    kind: i64,
+    created_at: i64,
+    data: Vec<u8>,
+    chain: Vec<u8>,
 }
 
 pub(crate) fn log(c: &Connection, after: u64, limit: usize) -> Result<Vec<CommitRecord>, Error> {
@@ -135,65 +137,46 @@ pub(crate) fn log(c: &Connection, after: u64, limit: usize) -> Result<Vec<Commit
              WHERE position > ?1 ORDER BY position LIMIT ?2",
         )
         .map_err(sql("preparing the log query"))?;
-    let rows: Vec<(i64, Vec<u8>, i64, i64, Vec<u8>, Vec<u8>)> = stmt
+    let rows: Vec<CommitRow> = stmt
         .query_map(params![after, limit], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
+            Ok(CommitRow {
+                position: r.get(0)?,
+                op: r.get(1)?,
+                kind: r.get(2)?,
+                created_at: r.get(3)?,
+                data: r.get(4)?,
+                chain: r.get(5)?,
+            })
         })
         .and_then(|rows| rows.collect())
         .map_err(sql("reading the log"))?;
-    let mut out = Vec::with_capacity(rows.len());
     let mut msgs = c
         .prepare_cached(
             "SELECT id, event_type, module, payload, headers FROM messages WHERE position = ?1 ORDER BY idx",
         )
         .map_err(sql("preparing the message query"))?;
-    for (position, op, kind, created_at, data, chain) in rows {
-        let raw: Vec<(Vec<u8>, String, Option<String>, String, String)> = msgs
-            .query_map(params![position], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let position = row.position;
+        let raw: Vec<MessageRow> = msgs
+            .query_map(params![position], |r| MessageRow::read(r, 0))
             .and_then(|rows| rows.collect())
             .map_err(sql("reading messages"))?;
-        let mut messages = Vec::with_capacity(raw.len());
-        for (id, et, module, payload, headers) in raw {
-            // Keep the stored text as it is even when it no longer parses: the hash check
-            // must see exactly what is on disk.
-            let message = match stored_message(
-                &id,
-                et.clone(),
-                module.clone(),
-                payload.clone(),
-                headers.clone(),
-            ) {
-                Ok(m) => m,
-                Err(_) => txbus_core::StoredMessage {
-                    id: crate::writer::message_id(&id)?,
-                    event_type: et,
-                    module,
-                    payload: serde_json::Value::Null,
-                    payload_json: payload,
-                    headers: Default::default(),
-                    headers_json: headers,
-                },
-            };
-            messages.push(message);
-        }
+        // Stored text is kept as it is, so that the hash check sees exactly what is on disk.
+        let messages = raw
+            .into_iter()
+            .map(MessageRow::raw)
+            .collect::<Result<Vec<_>, _>>()?;
         out.push(CommitRecord {
             position: u64::try_from(position).unwrap_or(0),
-            operation_id: op_id(&op)?,
-            kind: CommitKind::from_u8(u8::try_from(kind).unwrap_or(0))
-                .ok_or_else(|| Error::Corrupt(format!("commit {position}: unknown kind {kind}")))?,
-            created_at_ms: created_at,
+            operation_id: op_id(&row.op)?,
+            kind: CommitKind::from_u8(u8::try_from(row.kind).unwrap_or(0)).ok_or_else(|| {
+                Error::Corrupt(format!("commit {position}: unknown kind {}", row.kind))
+            })?,
+            created_at_ms: row.created_at,
             messages,
-            data_hash: hash(data, position)?,
-            chain_hash: hash(chain, position)?,
+            data_hash: hash(row.data, position)?,
+            chain_hash: hash(row.chain, position)?,
         });
     }
     Ok(out)

@@ -13,11 +13,11 @@ use txbus_core::store::{
     LogMessage, NewCommit, OwnerId,
 };
 use txbus_core::{
-    Failure, FailureKind, Headers, MessageId, OperationId, Outcome, PruneReport, Retention,
-    StoredMessage,
+    Failure, FailureKind, OperationId, Outcome, PruneReport, Retention, StoredMessage,
 };
 
 use crate::error::sql;
+use crate::row::{op_id, MessageRow};
 use crate::schema::{op_status, status};
 
 /// A write to perform.
@@ -333,7 +333,7 @@ fn append(
         position,
         delivery_ids,
         chain_hash,
-        finished: finished.then(|| Outcome {
+        finished: finished.then_some(Outcome {
             operation_id: c.operation_id,
             error: None,
             finished_at_ms: now,
@@ -453,42 +453,6 @@ fn fail_operation(
     .transpose()
 }
 
-pub(crate) fn op_id(bytes: &[u8]) -> Result<OperationId, Error> {
-    uuid::Uuid::from_slice(bytes)
-        .map(OperationId)
-        .map_err(|_| Error::Corrupt("an operation id is not 16 bytes".into()))
-}
-
-pub(crate) fn message_id(bytes: &[u8]) -> Result<MessageId, Error> {
-    uuid::Uuid::from_slice(bytes)
-        .map(MessageId)
-        .map_err(|_| Error::Corrupt("a message id is not 16 bytes".into()))
-}
-
-/// Builds a stored message from its columns; the JSON must parse.
-pub(crate) fn stored_message(
-    id: &[u8],
-    event_type: String,
-    module: Option<String>,
-    payload_json: String,
-    headers_json: String,
-) -> Result<StoredMessage, String> {
-    let id = message_id(id).map_err(|e| e.to_string())?;
-    let payload = serde_json::from_str(&payload_json)
-        .map_err(|e| format!("stored payload is not JSON: {e}"))?;
-    let headers: Headers = serde_json::from_str(&headers_json)
-        .map_err(|e| format!("stored headers are not valid: {e}"))?;
-    Ok(StoredMessage {
-        id,
-        event_type,
-        module,
-        payload,
-        payload_json,
-        headers,
-        headers_json,
-    })
-}
-
 #[allow(clippy::too_many_arguments)]
 fn claim(
     tx: &Transaction<'_>,
@@ -543,8 +507,7 @@ fn claim(
         }
         ids.extend(more);
     }
-    let mut cache: HashMap<(i64, i64), Result<(Arc<StoredMessage>, OperationId), String>> =
-        HashMap::new();
+    let mut cache: HashMap<(i64, i64), Loaded> = HashMap::new();
     let mut claimed = Vec::with_capacity(ids.len());
     for id in ids {
         let (position, idx, handler, attempts, fence): (i64, i64, String, i64, i64) = tx
@@ -612,19 +575,12 @@ fn load_message(tx: &Transaction<'_>, position: i64, idx: i64) -> Result<Loaded,
         )
         .and_then(|mut s| {
             s.query_row(params![position, idx], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Vec<u8>>(5)?,
-                ))
+                Ok((MessageRow::read(r, 0)?, r.get::<_, Vec<u8>>(5)?))
             })
             .optional()
         })
         .map_err(sql("reading a message"))?;
-    let Some((id, event_type, module, payload, headers, op)) = row else {
+    let Some((message, op)) = row else {
         return Ok(Err(format!(
             "message {idx} of commit {position} is missing"
         )));
@@ -633,7 +589,7 @@ fn load_message(tx: &Transaction<'_>, position: i64, idx: i64) -> Result<Loaded,
         Ok(op) => op,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    Ok(stored_message(&id, event_type, module, payload, headers).map(|m| (Arc::new(m), op)))
+    Ok(message.parse().map(|m| (Arc::new(m), op)))
 }
 
 fn prune_keep(

@@ -1,5 +1,6 @@
 //! The store contract on SQLite: leases and fencing, and the hash chain against edits made
 //! directly in the database file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;

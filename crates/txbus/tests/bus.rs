@@ -1,5 +1,6 @@
 //! The bus on the embedded store: outcomes, retries, rejects, timeouts, panics, dead letters,
 //! recovery, shutdown, retention, back-pressure and input validation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;

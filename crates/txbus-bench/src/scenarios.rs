@@ -1,0 +1,392 @@
+//! The scenarios. Each runs on a fresh store in its own directory, with default (durable)
+//! settings.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use txbus::{Bus, Event, Message, On, SqliteStore};
+
+use crate::report::{print_check, Line};
+use crate::Args;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn workdir(args: &Args) -> Result<tempfile::TempDir, BoxError> {
+    Ok(match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tempfile::tempdir_in(d)?
+        }
+        None => tempfile::tempdir()?,
+    })
+}
+
+/// Runs the scenario named in `args`.
+pub async fn run(args: &Args) -> Result<(), BoxError> {
+    match args.scenario.as_str() {
+        "transact" => transact(args).await?.print(args.json),
+        "transact-latency" => transact_latency(args).await?.print(args.json),
+        "publish" => {
+            for line in publish(args).await? {
+                line.print(args.json);
+            }
+        }
+        "raw-sqlite" => {
+            for line in raw_sqlite(args)? {
+                line.print(args.json);
+            }
+        }
+        "pending-memory" => pending_memory(args).await?.print(args.json),
+        "all" => all(args).await?,
+        other => return Err(format!("unknown scenario {other:?}\n{}", crate::USAGE).into()),
+    }
+    Ok(())
+}
+
+async fn all(args: &Args) -> Result<(), BoxError> {
+    let short = Args {
+        secs: args.secs.min(Duration::from_secs(5)),
+        ..args.clone()
+    };
+    let raw = raw_sqlite(&short)?;
+    for l in &raw {
+        l.print(args.json);
+    }
+    let tx = transact(&short).await?;
+    tx.print(args.json);
+    let lat = transact_latency(&short).await?;
+    lat.print(args.json);
+    let publ = publish(&short).await?;
+    for l in &publ {
+        l.print(args.json);
+    }
+    let mem = pending_memory(args).await?;
+    mem.print(args.json);
+
+    let raw_commit = &raw[0];
+    let raw_batch = &raw[1];
+    let r = tx.ops_per_sec() / raw_batch.ops_per_sec();
+    print_check(
+        args.json,
+        "transact ops/s / raw-sqlite-batch rows/s",
+        r,
+        ">= 0.10",
+        r >= 0.10,
+    );
+    let r = lat.percentile_ms(0.5) / raw_commit.percentile_ms(0.5);
+    print_check(
+        args.json,
+        "transact-latency p50 / raw-sqlite-commit p50",
+        r,
+        "<= 4",
+        r <= 4.0,
+    );
+    let p99 = lat.percentile_ms(0.99);
+    print_check(
+        args.json,
+        "transact-latency p99 ms",
+        p99,
+        "<= 2",
+        p99 <= 2.0,
+    );
+    let r = publ[0].ops_per_sec() / raw_batch.ops_per_sec();
+    print_check(
+        args.json,
+        "publish ops/s / raw-sqlite-batch rows/s",
+        r,
+        ">= 0.25",
+        r >= 0.25,
+    );
+    let rss = mem
+        .extra
+        .iter()
+        .find(|(k, _)| *k == "peak_rss_mib")
+        .map(|(_, v)| *v)
+        .unwrap_or(f64::MAX);
+    print_check(
+        args.json,
+        "pending-memory peak RSS MiB",
+        rss,
+        "< 128",
+        rss < 128.0,
+    );
+    Ok(())
+}
+
+async fn bus_with_noop(dir: &tempfile::TempDir, paused: bool) -> Result<Bus, BoxError> {
+    Ok(Bus::builder()
+        .store(SqliteStore::open(dir.path().join("bench.db"))?)
+        .handler("noop", On::event("bench.event"), |_m: Message| async {
+            Ok(())
+        })
+        .start_paused(paused)
+        .build()
+        .await?)
+}
+
+/// Many callers, each committing one event and awaiting its outcome, over and over.
+async fn transact(args: &Args) -> Result<Line, BoxError> {
+    let dir = workdir(args)?;
+    let bus = bus_with_noop(&dir, false).await?;
+    let deadline = Instant::now() + args.secs;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.callers {
+        let bus = bus.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let op = bus
+                    .transact([Event::new("bench.event", json!({"caller": c, "n": i}))])
+                    .await?;
+                let outcome = op.outcome().await?;
+                if !outcome.is_ok() {
+                    return Err::<Vec<u64>, BoxError>(
+                        format!("operation failed: {outcome:?}").into(),
+                    );
+                }
+                lat.push(t.elapsed().as_nanos() as u64);
+                i += 1;
+            }
+            Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    bus.shutdown(Duration::from_secs(10)).await?;
+    Ok(Line::new("transact", all.len() as u64, elapsed, all).with("callers", args.callers as f64))
+}
+
+/// One caller, one operation at a time: commit, handle, outcome.
+async fn transact_latency(args: &Args) -> Result<Line, BoxError> {
+    let dir = workdir(args)?;
+    let bus = bus_with_noop(&dir, false).await?;
+    // Warm up the page cache and prepared statements.
+    for i in 0..50 {
+        bus.transact([Event::new("bench.event", json!({"n": i}))])
+            .await?
+            .outcome()
+            .await?;
+    }
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed() < args.secs {
+        let t = Instant::now();
+        let op = bus
+            .transact([Event::new("bench.event", json!({"n": i}))])
+            .await?;
+        op.outcome().await?;
+        lat.push(t.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    let elapsed = start.elapsed();
+    bus.shutdown(Duration::from_secs(10)).await?;
+    Ok(Line::new(
+        "transact-latency",
+        lat.len() as u64,
+        elapsed,
+        lat,
+    ))
+}
+
+/// Many callers publishing; the handler records when each event was handled.
+async fn publish(args: &Args) -> Result<Vec<Line>, BoxError> {
+    let dir = workdir(args)?;
+    let origin = Instant::now();
+    let handled = Arc::new(AtomicU64::new(0));
+    let last_handled_ns = Arc::new(AtomicU64::new(0));
+    let handled_lat = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let (h, l, hl) = (
+        handled.clone(),
+        last_handled_ns.clone(),
+        handled_lat.clone(),
+    );
+    let bus = Bus::builder()
+        .store(SqliteStore::open(dir.path().join("bench.db"))?)
+        .handler("recorder", On::event("bench.event"), move |m: Message| {
+            let (h, l, hl) = (h.clone(), l.clone(), hl.clone());
+            async move {
+                let now = origin.elapsed().as_nanos() as u64;
+                let sent = m.payload()["t"].as_u64().unwrap_or(now);
+                hl.lock().map(|mut v| v.push(now.saturating_sub(sent))).ok();
+                h.fetch_add(1, Ordering::Relaxed);
+                l.fetch_max(now, Ordering::Relaxed);
+                Ok(())
+            }
+        })
+        .build()
+        .await?;
+    let deadline = Instant::now() + args.secs;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.callers {
+        let bus = bus.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let sent = origin.elapsed().as_nanos() as u64;
+                bus.publish(Event::new("bench.event", json!({"t": sent})))
+                    .await?;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            Ok::<_, BoxError>(lat)
+        }));
+    }
+    let mut enqueue = Vec::new();
+    for t in tasks {
+        enqueue.extend(t.await??);
+    }
+    let enqueue_elapsed = start.elapsed();
+    let published = enqueue.len() as u64;
+    let wait_until = Instant::now() + Duration::from_secs(120);
+    while handled.load(Ordering::Relaxed) < published && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done = handled.load(Ordering::Relaxed);
+    if done < published {
+        return Err(format!(
+            "only {done} of {published} published events were handled within 120 s"
+        )
+        .into());
+    }
+    let start_ns = start.duration_since(origin).as_nanos() as u64;
+    let handled_elapsed = Duration::from_nanos(
+        last_handled_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(start_ns),
+    );
+    let lat = std::mem::take(&mut *handled_lat.lock().map_err(|_| "poisoned")?);
+    bus.shutdown(Duration::from_secs(10)).await?;
+    Ok(vec![
+        Line::new("publish", published, enqueue_elapsed, enqueue)
+            .with("callers", args.callers as f64),
+        Line::new("publish-handled", done, handled_elapsed, lat),
+    ])
+}
+
+fn raw_conn(dir: &tempfile::TempDir) -> Result<rusqlite::Connection, BoxError> {
+    let conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         CREATE TABLE messages (
+             position INTEGER NOT NULL, idx INTEGER NOT NULL, id BLOB NOT NULL,
+             event_type TEXT NOT NULL, module TEXT, payload TEXT NOT NULL, headers TEXT NOT NULL,
+             PRIMARY KEY (position, idx)) WITHOUT ROWID;",
+    )?;
+    Ok(conn)
+}
+
+fn insert_row(stmt: &mut rusqlite::CachedStatement<'_>, position: i64) -> Result<(), BoxError> {
+    let id = uuid::Uuid::now_v7();
+    let payload = json!({"caller": 1, "n": position}).to_string();
+    stmt.execute(rusqlite::params![
+        position,
+        0,
+        id.as_bytes(),
+        "bench.event",
+        None::<String>,
+        payload,
+        "{}"
+    ])?;
+    Ok(())
+}
+
+/// The storage limit: the message row shape written with plain rusqlite, same pragmas.
+fn raw_sqlite(args: &Args) -> Result<Vec<Line>, BoxError> {
+    let dir = workdir(args)?;
+    let mut conn = raw_conn(&dir)?;
+    let sql = "INSERT INTO messages (position, idx, id, event_type, module, payload, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+    let mut position = 0i64;
+    // One row per commit.
+    let secs = args.secs.min(Duration::from_secs(3));
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    while start.elapsed() < secs {
+        let t = Instant::now();
+        let tx = conn.transaction()?;
+        position += 1;
+        insert_row(&mut tx.prepare_cached(sql)?, position)?;
+        tx.commit()?;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let commit = Line::new("raw-sqlite-commit", lat.len() as u64, start.elapsed(), lat);
+    // 1000 rows per commit.
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut rows = 0u64;
+    while start.elapsed() < secs {
+        let t = Instant::now();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(sql)?;
+            for _ in 0..1000 {
+                position += 1;
+                insert_row(&mut stmt, position)?;
+            }
+        }
+        tx.commit()?;
+        rows += 1000;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let batch =
+        Line::new("raw-sqlite-batch", rows, start.elapsed(), lat).with("rows_per_commit", 1000.0);
+    Ok(vec![commit, batch])
+}
+
+fn rss_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Publishes `--pending` events with handlers paused and reports resident memory.
+async fn pending_memory(args: &Args) -> Result<Line, BoxError> {
+    let dir = workdir(args)?;
+    // Reset the peak-RSS mark so that earlier scenarios of the same run do not count.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let bus = bus_with_noop(&dir, true).await?;
+    let total = args.pending;
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.callers.clamp(1, 256) {
+        let (bus, next) = (bus.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return Ok::<_, BoxError>(());
+                }
+                bus.publish(Event::new("bench.event", json!({"n": n})))
+                    .await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = start.elapsed();
+    let stats = bus.stats().await?;
+    let pending = stats.deliveries.pending + stats.deliveries.leased;
+    let line = Line::new("pending-memory", total, elapsed, Vec::new())
+        .with("pending_deliveries", pending as f64)
+        .with("rss_mib", rss_mib("VmRSS:"))
+        .with("peak_rss_mib", rss_mib("VmHWM:"));
+    bus.shutdown(Duration::from_secs(10)).await?;
+    Ok(line)
+}
