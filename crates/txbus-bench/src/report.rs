@@ -1,6 +1,15 @@
 //! Measurements and how they are printed.
 
+use std::io::Write;
 use std::time::Duration;
+
+/// Prints one line of the report; a closed stdout (`| head`) ends the program quietly.
+fn emit(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+}
 
 /// One line of the report.
 #[derive(Debug, Clone)]
@@ -69,7 +78,7 @@ impl Line {
             for (k, v) in &self.extra {
                 obj[*k] = serde_json::json!(round(*v, 4));
             }
-            println!("{obj}");
+            emit(&obj.to_string());
         } else {
             let mut s = format!(
                 "{:<24} {:>10} ops {:>7.2} s {:>12.1} ops/s   p50 {:>8.3} ms   p99 {:>8.3} ms   p99.9 {:>8.3} ms",
@@ -84,7 +93,7 @@ impl Line {
             for (k, v) in &self.extra {
                 s.push_str(&format!("   {k} {v:.3}"));
             }
-            println!("{s}");
+            emit(&s);
         }
     }
 }
@@ -92,15 +101,12 @@ impl Line {
 /// A target checked against figures of the same run.
 pub fn print_check(json: bool, name: &str, value: f64, target: &str, met: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"check": name, "value": round(value, 4), "target": target, "met": met})
-        );
+        emit(&serde_json::json!({"check": name, "value": round(value, 4), "target": target, "met": met}).to_string());
     } else {
-        println!(
+        emit(&format!(
             "check {name:<44} {value:>10.4}   target {target:<10} {}",
             if met { "met" } else { "NOT met" }
-        );
+        ));
     }
 }
 

@@ -14,8 +14,12 @@
 //! # let _ = bus; Ok(()) }
 //! ```
 
+mod append;
+mod claim;
+mod complete;
 mod error;
 mod lock;
+mod prune;
 mod read;
 mod row;
 mod schema;
@@ -149,9 +153,13 @@ impl SqliteStore {
         let mut conn = Connection::open(&path).map_err(sql("opening the database file"))?;
         configure(&conn, &options)?;
         schema::migrate(&mut conn)?;
-        // Every lease in the file belongs to a process that no longer holds the lock.
-        conn.execute("DELETE FROM owners", [])
-            .map_err(sql("forgetting stopped buses"))?;
+        // Every lease in the file belongs to a process that no longer holds the lock: free
+        // them all now (one scan at open) rather than look for them on every claim.
+        conn.execute_batch(
+            "UPDATE deliveries SET status = 0, owner = NULL WHERE status = 1;
+             DELETE FROM owners;",
+        )
+        .map_err(sql("freeing the leases of stopped buses"))?;
         let reader = Connection::open(&path).map_err(sql("opening the read connection"))?;
         configure(&reader, &options)?;
         reader
@@ -278,19 +286,23 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, retention: &Retention) -> Result<PruneReport, Error> {
+        let r = *retention;
+        let now = writer::now_ms();
+        let bounds = self.read(move |c| prune::bounds(c, &r, now)).await?;
         let mut total = PruneReport::default();
         loop {
-            let step = match self.call(Op::Prune(*retention)).await? {
-                Out::Prune(p) => p,
+            let op = Op::Prune {
+                bounds,
+                failed: r.failed,
+            };
+            let step = match self.call(op).await? {
+                Out::Prune(step) => step,
                 _ => return Err(unexpected()),
             };
-            total.succeeded += step.succeeded;
-            total.failed += step.failed;
-            total.outcomes += step.outcomes;
-            // Each step removes a bounded chunk; go on while a chunk came back full.
-            let full =
-                step.succeeded.max(step.failed).max(step.outcomes) >= writer::PRUNE_STEP_MAX / 2;
-            if !full {
+            total.succeeded += step.report.succeeded;
+            total.failed += step.report.failed;
+            total.outcomes += step.report.outcomes;
+            if !step.more {
                 return Ok(total);
             }
         }

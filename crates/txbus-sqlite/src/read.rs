@@ -188,25 +188,24 @@ pub(crate) fn stats(c: &Connection) -> Result<Stats, Error> {
             .map(|n| u64::try_from(n).unwrap_or(0))
             .map_err(sql("counting"))
     };
-    let mut deliveries = DeliveryCounts::default();
-    let mut stmt = c
-        .prepare_cached("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
-        .map_err(sql("preparing the delivery count"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+    // One pass, no sorter: a GROUP BY over an unindexed column would sort every row in memory.
+    let counts: [i64; 5] = c
+        .query_row(
+            "SELECT COALESCE(SUM(status = 0), 0), COALESCE(SUM(status = 1), 0), COALESCE(SUM(status = 2), 0),
+                    COALESCE(SUM(status = 3), 0), COALESCE(SUM(status = 4), 0)
+             FROM deliveries",
+            [],
+            |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?]),
+        )
         .map_err(sql("counting deliveries"))?;
-    for row in rows {
-        let (st, n) = row.map_err(sql("counting deliveries"))?;
-        let n = u64::try_from(n).unwrap_or(0);
-        match st {
-            status::PENDING => deliveries.pending = n,
-            status::LEASED => deliveries.leased = n,
-            status::SUCCEEDED => deliveries.succeeded = n,
-            status::REJECTED => deliveries.rejected = n,
-            status::DEAD => deliveries.dead = n,
-            _ => {}
-        }
-    }
+    let n = |i: i64| u64::try_from(counts[usize::try_from(i).unwrap_or(0)]).unwrap_or(0);
+    let deliveries = DeliveryCounts {
+        pending: n(status::PENDING),
+        leased: n(status::LEASED),
+        succeeded: n(status::SUCCEEDED),
+        rejected: n(status::REJECTED),
+        dead: n(status::DEAD),
+    };
     Ok(Stats {
         commits: count("SELECT COUNT(*) FROM commits")?,
         messages: count("SELECT COUNT(*) FROM messages")?,

@@ -39,7 +39,6 @@ CREATE TABLE commits (
     op_finished_at INTEGER
 );
 CREATE UNIQUE INDEX commits_op_id ON commits (op_id);
-CREATE INDEX commits_finished ON commits (op_finished_at) WHERE op_status IN (1, 2);
 
 CREATE TABLE messages (
     position   INTEGER NOT NULL,
@@ -66,8 +65,9 @@ CREATE TABLE deliveries (
     updated_at INTEGER NOT NULL
 );
 CREATE INDEX deliveries_pending ON deliveries (next_at, id) WHERE status = 0;
-CREATE INDEX deliveries_leased ON deliveries (owner) WHERE status = 1;
-CREATE INDEX deliveries_finished ON deliveries (status, updated_at) WHERE status >= 2;
+-- Only failures (rare) are indexed; succeeded deliveries and outcomes are pruned by ranges
+-- of ids and positions, so that an acknowledgement writes no index.
+CREATE INDEX deliveries_failed ON deliveries (status, updated_at) WHERE status >= 3;
 
 CREATE TABLE owners (
     owner        BLOB PRIMARY KEY,

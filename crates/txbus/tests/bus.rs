@@ -646,3 +646,56 @@ async fn retention_bounds_finished_deliveries_and_outcomes() {
     assert!(bus.verify().await.unwrap().is_intact());
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let retention = Retention {
+        succeeded: Keep::new(2, Duration::from_secs(3600)),
+        failed: Keep::new(10, Duration::from_secs(3600)),
+        outcomes: Keep::new(2, Duration::from_secs(3600)),
+        interval: Duration::from_secs(3600),
+    };
+    let bus = builder(&dir)
+        .retention(retention)
+        .handler("gated", On::event("gated"), move |_m: Message| {
+            let g = g.clone();
+            async move {
+                let _permit = g.acquire().await.map_err(HandlerError::transient)?;
+                Ok(())
+            }
+        })
+        .handler("ok", On::event("ok"), |_m: Message| async { Ok(()) })
+        .build()
+        .await
+        .unwrap();
+    // The oldest operation is still running while newer ones finish and get pruned past it.
+    let old = bus
+        .transact([Event::new("gated", json!({}))])
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let op = bus.transact([Event::new("ok", json!(i))]).await.unwrap();
+        assert!(within(op.outcome()).await.unwrap().is_ok());
+    }
+    let report = bus.prune().await.unwrap();
+    assert_eq!(report.succeeded, 3);
+    assert_eq!(report.outcomes, 3);
+    assert!(matches!(
+        bus.outcome(old.id()).await.unwrap(),
+        Some(OperationState::Pending { .. })
+    ));
+
+    gate.add_permits(1);
+    // Its caller still gets the outcome; the store keeps neither its delivery nor its outcome.
+    assert!(within(old.outcome()).await.unwrap().is_ok());
+    assert!(bus.outcome(old.id()).await.unwrap().is_none());
+    let stats = bus.stats().await.unwrap();
+    assert_eq!(stats.deliveries.succeeded, 2);
+    assert_eq!(stats.deliveries.pending + stats.deliveries.leased, 0);
+    assert_eq!(stats.pending_operations, 0);
+    assert!(bus.verify().await.unwrap().is_intact());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}

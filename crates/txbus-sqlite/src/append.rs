@@ -1,0 +1,111 @@
+//! Appending a commit: its row with the data and chain hashes, its messages, its deliveries.
+
+use rusqlite::{params, Transaction};
+use txbus_core::chain;
+use txbus_core::store::{AppendReceipt, Error, LogMessage, NewCommit};
+use txbus_core::Outcome;
+
+use crate::error::sql;
+use crate::schema::{op_status, status};
+use crate::writer::State;
+
+pub(crate) fn append(
+    tx: &Transaction<'_>,
+    state: &mut State,
+    c: &NewCommit,
+    now: i64,
+) -> Result<AppendReceipt, Error> {
+    let position = state.position + 1;
+    let data = chain::data_hash(
+        &c.operation_id.0,
+        c.kind,
+        c.created_at_ms,
+        c.messages.iter().map(|m| LogMessage::from(&**m)),
+    );
+    let chain_hash = chain::chain_hash(&data, &state.chain);
+    let remaining = c.deliveries.len();
+    let finished = remaining == 0;
+    let pos =
+        i64::try_from(position).map_err(|_| Error::Corrupt("log position overflow".into()))?;
+    tx.prepare_cached(
+        "INSERT INTO commits (position, op_id, kind, created_at, message_count, data_hash, chain_hash,
+                              op_status, op_remaining, op_finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            pos,
+            c.operation_id.0.as_bytes(),
+            c.kind as u8,
+            c.created_at_ms,
+            c.messages.len() as i64,
+            &data[..],
+            &chain_hash[..],
+            if finished { op_status::SUCCEEDED } else { op_status::PENDING },
+            remaining as i64,
+            finished.then_some(now),
+        ])
+    })
+    .map_err(sql("inserting a commit"))?;
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO messages (position, idx, id, event_type, module, payload, headers)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(sql("preparing a message insert"))?;
+        for (i, m) in c.messages.iter().enumerate() {
+            stmt.execute(params![
+                pos,
+                i as i64,
+                m.id.0.as_bytes(),
+                m.event_type,
+                m.module,
+                m.payload_json,
+                m.headers_json
+            ])
+            .map_err(sql("inserting a message"))?;
+        }
+    }
+    let mut delivery_ids = Vec::with_capacity(c.deliveries.len());
+    if !c.deliveries.is_empty() {
+        let mut stmt = tx
+            .prepare_cached(
+                "INSERT INTO deliveries (id, position, idx, handler, status, attempts, fence, owner, next_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?8)",
+            )
+            .map_err(sql("preparing a delivery insert"))?;
+        let (st, fence, owner) = match &c.lease_to {
+            Some(owner) => (status::LEASED, 1, Some(owner.as_bytes().as_slice())),
+            None => (status::PENDING, 0, None),
+        };
+        for d in &c.deliveries {
+            let id = state.next_delivery_id;
+            state.next_delivery_id += 1;
+            stmt.execute(params![
+                id,
+                pos,
+                d.message_index,
+                &*d.handler,
+                st,
+                fence,
+                owner,
+                now
+            ])
+            .map_err(sql("inserting a delivery"))?;
+            delivery_ids.push(id);
+        }
+    }
+    state.position = position;
+    state.chain = chain_hash;
+    Ok(AppendReceipt {
+        position,
+        delivery_ids,
+        chain_hash,
+        finished: finished.then_some(Outcome {
+            operation_id: c.operation_id,
+            error: None,
+            finished_at_ms: now,
+        }),
+    })
+}

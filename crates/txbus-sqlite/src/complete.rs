@@ -1,0 +1,130 @@
+//! Recording attempts: success, retry or failure, fenced, and the operation's outcome.
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use txbus_core::store::{Completion, CompletionEffect, DeliveryResult, Error};
+use txbus_core::{Failure, Outcome};
+
+use crate::error::sql;
+use crate::row::op_id;
+use crate::schema::{op_status, status};
+use crate::writer::State;
+
+pub(crate) fn complete(
+    tx: &Transaction<'_>,
+    state: &State,
+    completions: &[Completion],
+    now: i64,
+) -> Result<Vec<CompletionEffect>, Error> {
+    let mut effects = Vec::with_capacity(completions.len());
+    for c in completions {
+        let pos = i64::try_from(c.position).unwrap_or(i64::MAX);
+        let effect = match &c.result {
+            DeliveryResult::Succeeded => {
+                // Below the retention floor the row is already past retention: remove it.
+                let n = if c.delivery_id < state.succeeded_floor {
+                    tx.prepare_cached("DELETE FROM deliveries WHERE id = ?1 AND fence = ?2 AND status = 1")
+                        .and_then(|mut s| s.execute(params![c.delivery_id, c.fence]))
+                } else {
+                    tx.prepare_cached(
+                        "UPDATE deliveries SET status = 2, attempts = ?3, owner = NULL, last_error = NULL, updated_at = ?4
+                         WHERE id = ?1 AND fence = ?2 AND status = 1",
+                    )
+                    .and_then(|mut s| s.execute(params![c.delivery_id, c.fence, c.attempts, now]))
+                }
+                .map_err(sql("recording a success"))?;
+                if n == 0 {
+                    CompletionEffect::Stale
+                } else {
+                    let done: Option<(i64, Vec<u8>)> = tx
+                        .prepare_cached(
+                            "UPDATE commits SET op_remaining = op_remaining - 1,
+                                 op_status = CASE WHEN op_remaining > 1 THEN 0 WHEN ?3 THEN 3 ELSE 1 END,
+                                 op_finished_at = CASE WHEN op_remaining <= 1 THEN ?2 ELSE NULL END
+                             WHERE position = ?1 AND op_status = 0
+                             RETURNING op_status, op_id",
+                        )
+                        .and_then(|mut s| {
+                            s.query_row(params![pos, now, pos < state.outcome_floor], |r| Ok((r.get(0)?, r.get(1)?)))
+                                .optional()
+                        })
+                        .map_err(sql("updating an operation"))?;
+                    CompletionEffect::Applied(match done {
+                        Some((st, id)) if st != op_status::PENDING => Some(Outcome {
+                            operation_id: op_id(&id)?,
+                            error: None,
+                            finished_at_ms: now,
+                        }),
+                        _ => None,
+                    })
+                }
+            }
+            DeliveryResult::Retry { next_at_ms, error } => {
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE deliveries SET attempts = ?3, next_at = ?4, last_error = ?5, updated_at = ?6
+                         WHERE id = ?1 AND fence = ?2 AND status = 1",
+                    )
+                    .and_then(|mut s| s.execute(params![c.delivery_id, c.fence, c.attempts, next_at_ms, error, now]))
+                    .map_err(sql("recording a retry"))?;
+                if n == 0 {
+                    CompletionEffect::Stale
+                } else {
+                    CompletionEffect::Applied(None)
+                }
+            }
+            DeliveryResult::Failed { failure, dead } => {
+                let st = if *dead {
+                    status::DEAD
+                } else {
+                    status::REJECTED
+                };
+                let n = tx
+                    .prepare_cached(
+                        "UPDATE deliveries SET status = ?3, attempts = ?4, owner = NULL, last_error = ?5, updated_at = ?6
+                         WHERE id = ?1 AND fence = ?2 AND status = 1",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![c.delivery_id, c.fence, st, c.attempts, failure.reason, now])
+                    })
+                    .map_err(sql("recording a failure"))?;
+                if n == 0 {
+                    CompletionEffect::Stale
+                } else {
+                    CompletionEffect::Applied(fail_operation(tx, state, pos, failure, now)?)
+                }
+            }
+        };
+        effects.push(effect);
+    }
+    Ok(effects)
+}
+
+pub(crate) fn fail_operation(
+    tx: &Transaction<'_>,
+    state: &State,
+    pos: i64,
+    failure: &Failure,
+    now: i64,
+) -> Result<Option<Outcome>, Error> {
+    let error = serde_json::to_string(failure)
+        .map_err(|e| Error::Corrupt(format!("failure does not serialize: {e}")))?;
+    let id: Option<Vec<u8>> = tx
+        .prepare_cached(
+            "UPDATE commits SET op_status = ?4, op_error = CASE WHEN ?4 = 2 THEN ?2 END, op_finished_at = ?3
+             WHERE position = ?1 AND op_status = 0 RETURNING op_id",
+        )
+        .and_then(|mut s| {
+            // Below the retention floor the outcome is already past retention.
+            let st = if pos < state.outcome_floor { op_status::PRUNED } else { op_status::FAILED };
+            s.query_row(params![pos, error, now, st], |r| r.get(0)).optional()
+        })
+        .map_err(sql("failing an operation"))?;
+    id.map(|id| {
+        Ok(Outcome {
+            operation_id: op_id(&id)?,
+            error: Some(failure.clone()),
+            finished_at_ms: now,
+        })
+    })
+    .transpose()
+}

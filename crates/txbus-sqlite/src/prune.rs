@@ -1,0 +1,193 @@
+//! Retention: removing finished deliveries and outcomes beyond their bounds, in small steps.
+//!
+//! Succeeded deliveries and outcomes have no index of their own: one would cost every
+//! acknowledgement an extra index write. Instead the writer keeps a floor for each: everything
+//! below it has been pruned, and whatever finishes below it later is dropped as it finishes.
+//! The read connection works out how far the floors may move (so the writer never scans); the
+//! writer moves them in bounded steps. Failed deliveries are rare and keep a partial index, so
+//! their bounds are exact by finish time.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use txbus_core::store::Error;
+use txbus_core::{Keep, PruneReport, Retention};
+
+use crate::error::sql;
+use crate::writer::{ms, State};
+
+/// Ids and positions below which finished work may go.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Bounds {
+    /// Succeeded deliveries with a smaller id are past retention.
+    pub(crate) succeeded_below: i64,
+    /// Outcomes of commits at a smaller position are past retention.
+    pub(crate) outcomes_below: i64,
+}
+
+/// One pruning step's result.
+pub(crate) struct Step {
+    pub(crate) report: PruneReport,
+    /// True when the bounds are not reached yet: call again.
+    pub(crate) more: bool,
+}
+
+/// Rows (ids or positions) one step covers at most.
+const SPAN: i64 = 5_000;
+
+fn one_i64(c: &Connection, q: &str, p: impl rusqlite::Params) -> Result<Option<i64>, Error> {
+    c.prepare_cached(q)
+        .and_then(|mut s| s.query_row(p, |r| r.get::<_, Option<i64>>(0)).optional())
+        .map(Option::flatten)
+        .map_err(sql("computing retention bounds"))
+}
+
+/// The smallest key in `lo..=hi` whose value (non-decreasing in the key) is at least `target`,
+/// or `hi + 1` when there is none.
+fn first_at_least(
+    lo: i64,
+    hi: i64,
+    target: i64,
+    value_at: impl Fn(i64) -> Result<Option<i64>, Error>,
+) -> Result<i64, Error> {
+    let (mut lo, mut hi) = (lo, hi + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match value_at(mid)? {
+            Some(v) if v >= target => hi = mid,
+            Some(_) => lo = mid + 1,
+            None => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
+/// The first position committed at or after `cutoff` (commit times follow positions).
+fn first_position_since(c: &Connection, cutoff: i64) -> Result<i64, Error> {
+    let (Some(lo), Some(hi)) = (
+        one_i64(c, "SELECT MIN(position) FROM commits", [])?,
+        one_i64(c, "SELECT MAX(position) FROM commits", [])?,
+    ) else {
+        return Ok(0);
+    };
+    first_at_least(lo, hi, cutoff, |p| {
+        one_i64(
+            c,
+            "SELECT created_at FROM commits WHERE position >= ?1 ORDER BY position LIMIT 1",
+            [p],
+        )
+    })
+}
+
+/// The first delivery id whose commit is at or after `position` (ids follow positions).
+fn first_delivery_from(c: &Connection, position: i64) -> Result<i64, Error> {
+    let (Some(lo), Some(hi)) = (
+        one_i64(c, "SELECT MIN(id) FROM deliveries", [])?,
+        one_i64(c, "SELECT MAX(id) FROM deliveries", [])?,
+    ) else {
+        return Ok(0);
+    };
+    first_at_least(lo, hi, position, |id| {
+        one_i64(
+            c,
+            "SELECT position FROM deliveries WHERE id >= ?1 ORDER BY id LIMIT 1",
+            [id],
+        )
+    })
+}
+
+/// Works out the bounds on the read connection: by count, the newest `max_count` are kept;
+/// by age, what was committed before `now - max_age` goes. The larger bound wins.
+pub(crate) fn bounds(c: &Connection, r: &Retention, now: i64) -> Result<Bounds, Error> {
+    let count = |keep: &Keep| i64::try_from(keep.max_count).unwrap_or(i64::MAX);
+    let succeeded_by_count = one_i64(
+        c,
+        "SELECT id FROM deliveries WHERE status = 2 ORDER BY id DESC LIMIT 1 OFFSET ?1",
+        [count(&r.succeeded)],
+    )?
+    .map_or(0, |id| id + 1);
+    let succeeded_by_age =
+        first_delivery_from(c, first_position_since(c, now - ms(r.succeeded.max_age))?)?;
+    let outcomes_by_count = one_i64(
+        c,
+        "SELECT position FROM commits WHERE op_status IN (1, 2) ORDER BY position DESC LIMIT 1 OFFSET ?1",
+        [count(&r.outcomes)],
+    )?
+    .map_or(0, |p| p + 1);
+    let outcomes_by_age = first_position_since(c, now - ms(r.outcomes.max_age))?;
+    Ok(Bounds {
+        succeeded_below: succeeded_by_count.max(succeeded_by_age),
+        outcomes_below: outcomes_by_count.max(outcomes_by_age),
+    })
+}
+
+/// One bounded step on the writer: moves the floors towards the bounds and prunes failed
+/// deliveries beyond their own bounds.
+pub(crate) fn step(
+    tx: &Transaction<'_>,
+    state: &mut State,
+    bounds: &Bounds,
+    failed: &Keep,
+    now: i64,
+) -> Result<Step, Error> {
+    let mut report = PruneReport::default();
+    let mut more = false;
+    if state.succeeded_floor < bounds.succeeded_below {
+        let end = bounds
+            .succeeded_below
+            .min(state.succeeded_floor.saturating_add(SPAN));
+        report.succeeded = tx
+            .prepare_cached("DELETE FROM deliveries WHERE id >= ?1 AND id < ?2 AND status = 2")
+            .and_then(|mut s| s.execute(params![state.succeeded_floor, end]))
+            .map_err(sql("pruning succeeded deliveries"))? as u64;
+        state.succeeded_floor = end;
+        more |= end < bounds.succeeded_below;
+    }
+    if state.outcome_floor < bounds.outcomes_below {
+        let end = bounds
+            .outcomes_below
+            .min(state.outcome_floor.saturating_add(SPAN));
+        report.outcomes = tx
+            .prepare_cached(
+                "UPDATE commits SET op_status = 3, op_error = NULL
+                 WHERE position >= ?1 AND position < ?2 AND op_status IN (1, 2)",
+            )
+            .and_then(|mut s| s.execute(params![state.outcome_floor, end]))
+            .map_err(sql("pruning outcomes"))? as u64;
+        state.outcome_floor = end;
+        more |= end < bounds.outcomes_below;
+    }
+    let keep = i64::try_from(failed.max_count).unwrap_or(i64::MAX);
+    let by_count = tx
+        .prepare_cached(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE status >= 3
+                 ORDER BY updated_at DESC, id DESC LIMIT ?2 OFFSET ?1)",
+        )
+        .and_then(|mut s| s.execute(params![keep, SPAN]))
+        .map_err(sql("pruning failed deliveries by count"))?;
+    let by_age = tx
+        .prepare_cached(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE status >= 3 AND updated_at < ?1 LIMIT ?2)",
+        )
+        .and_then(|mut s| s.execute(params![now - ms(failed.max_age), SPAN]))
+        .map_err(sql("pruning failed deliveries by age"))?;
+    report.failed = (by_count + by_age) as u64;
+    more |= by_count as i64 == SPAN || by_age as i64 == SPAN;
+    Ok(Step { report, more })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_at_least;
+
+    #[test]
+    fn finds_the_first_key_at_or_above_the_target() {
+        let values = [1, 3, 3, 5, 8];
+        let at = |k: i64| Ok(values.get(k as usize).copied().map(i64::from));
+        assert_eq!(first_at_least(0, 4, 0, at).unwrap(), 0);
+        assert_eq!(first_at_least(0, 4, 3, at).unwrap(), 1);
+        assert_eq!(first_at_least(0, 4, 4, at).unwrap(), 3);
+        assert_eq!(first_at_least(0, 4, 8, at).unwrap(), 4);
+        assert_eq!(first_at_least(0, 4, 9, at).unwrap(), 5);
+    }
+}
