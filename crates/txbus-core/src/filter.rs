@@ -15,7 +15,7 @@ enum TypeMatch {
 /// use txbus_core::On;
 /// let exact = On::event("user.created").module("user");
 /// let every_user_event = On::event("user.*");
-/// let whole_module = On::module("audit");
+/// let whole_module = On::in_module("audit");
 /// # let _ = (exact, every_user_event, whole_module);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]

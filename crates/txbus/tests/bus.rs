@@ -699,3 +699,50 @@ async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
     assert!(bus.verify().await.unwrap().is_intact());
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_removes_everything_older_than_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let unlimited = u64::MAX;
+    let retention = Retention {
+        succeeded: Keep::new(unlimited, Duration::ZERO),
+        failed: Keep::new(unlimited, Duration::ZERO),
+        outcomes: Keep::new(unlimited, Duration::ZERO),
+        interval: Duration::from_secs(3600),
+    };
+    let bus = builder(&dir)
+        .retention(retention)
+        .max_retries(0)
+        .handler("ok", On::event("ok"), |_m: Message| async { Ok(()) })
+        .handler("bad", On::event("bad"), |_m: Message| async {
+            Err(HandlerError::reject("no"))
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let op = bus
+            .transact([Event::new("ok", json!(i)), Event::new("bad", json!(i))])
+            .await
+            .unwrap();
+        within(op.outcome()).await.unwrap();
+        ids.push(op.id());
+    }
+    // Make sure the clock has moved past the last commit, so all of it is older than "now".
+    let last = bus.stats().await.unwrap();
+    assert_eq!(last.deliveries.succeeded, 4);
+    assert_eq!(last.deliveries.rejected, 4);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let report = bus.prune().await.unwrap();
+    assert_eq!(report.succeeded, 4);
+    assert_eq!(report.failed, 4);
+    assert_eq!(report.outcomes, 4);
+    for id in ids {
+        assert!(bus.outcome(id).await.unwrap().is_none());
+    }
+    let stats = bus.stats().await.unwrap();
+    assert_eq!(stats.deliveries, Default::default());
+    assert_eq!(stats.commits, 4);
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
