@@ -50,13 +50,13 @@ impl Bus {
         I: IntoIterator<Item = Event>,
     {
         let events: Vec<Event> = events.into_iter().collect();
-        let (position, _, guard) = self
+        let (commit_id, _, guard) = self
             .engine
             .commit(CommitKind::Transact, events, true)
             .await?;
         let guard =
             guard.ok_or_else(|| Error::Config("internal: missing operation watch".into()))?;
-        Ok(self.engine.operation(position, guard))
+        Ok(self.engine.operation(commit_id, guard))
     }
 
     /// Commits one event durably; its handlers run as for `transact`, but nobody waits. The

@@ -65,7 +65,7 @@ struct Job {
     id: i64,
     fence: i64,
     attempts: u32,
-    position: u64,
+    commit_id: u64,
     operation_id: OperationId,
     index: u32,
     message: Arc<StoredMessage>,
@@ -224,6 +224,11 @@ impl Engine {
             background.push(tokio::spawn(Arc::clone(&engine).claim_loop()).abort_handle());
         }
         background.push(tokio::spawn(Arc::clone(&engine).heartbeat_loop()).abort_handle());
+        if let Some(notifications) = engine.store.notifications() {
+            background.push(
+                tokio::spawn(Arc::clone(&engine).notification_loop(notifications)).abort_handle(),
+            );
+        }
         background.push(tokio::spawn(Arc::clone(&engine).prune_loop()).abort_handle());
         *engine
             .background
@@ -303,7 +308,7 @@ impl Engine {
                         id,
                         fence: 1,
                         attempts: 0,
-                        position: receipt.position,
+                        commit_id: receipt.commit_id,
                         operation_id,
                         index,
                         message: Arc::clone(&messages[index as usize]),
@@ -316,12 +321,12 @@ impl Engine {
             None if !routes.is_empty() => self.wake_claimer(),
             None => {}
         }
-        Ok((receipt.position, operation_id, guard))
+        Ok((receipt.commit_id, operation_id, guard))
     }
 
-    pub(crate) fn operation(self: &Arc<Self>, position: u64, guard: WatchGuard) -> Operation {
+    pub(crate) fn operation(self: &Arc<Self>, commit_id: u64, guard: WatchGuard) -> Operation {
         Operation {
-            position,
+            commit_id,
             guard,
             engine: Arc::clone(self),
         }
@@ -430,7 +435,7 @@ impl Engine {
             Arc::clone(&job.message),
             DeliveryContext {
                 operation_id: job.operation_id,
-                position: job.position,
+                commit_id: job.commit_id,
                 index: job.index,
                 handler: Arc::clone(&entry.name),
                 attempt,
@@ -508,7 +513,7 @@ impl Engine {
         let completion = Completion {
             delivery_id: job.id,
             fence: job.fence,
-            position: job.position,
+            commit_id: job.commit_id,
             attempts: attempt,
             result,
         };
@@ -573,7 +578,7 @@ impl Engine {
             id: d.id,
             fence: d.fence,
             attempts: d.attempts,
-            position: d.position,
+            commit_id: d.commit_id,
             operation_id: d.operation_id,
             index: d.message_index,
             message: d.message,
@@ -637,6 +642,30 @@ impl Engine {
                     tokio::select! {
                         () = tokio::time::sleep(self.settings.poll_interval) => {}
                         _ = stopping.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reacts to what the store pushes: work to claim, outcomes recorded by other processes.
+    async fn notification_loop(self: Arc<Self>, mut notifications: crate::store::Notifications) {
+        use futures_util::StreamExt;
+        while let Some(n) = notifications.next().await {
+            match n {
+                crate::store::Notification::Work => self.wake_claimer(),
+                crate::store::Notification::Finished(id) => {
+                    if !self.watchers.is_watched(&id) {
+                        continue;
+                    }
+                    match self.store.operation(id).await {
+                        Ok(Some(OperationState::Finished(outcome))) => {
+                            self.watchers.finish(outcome)
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(operation = %id, error = %e, "reading a finished operation failed")
+                        }
                     }
                 }
             }

@@ -34,6 +34,8 @@
 
 pub mod bus;
 pub mod chain;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod engine;
 pub mod error;
 pub mod filter;

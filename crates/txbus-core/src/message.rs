@@ -219,8 +219,8 @@ pub struct Message {
 pub struct DeliveryContext {
     /// The operation whose commit holds the message.
     pub operation_id: OperationId,
-    /// The position of the commit in the log.
-    pub position: u64,
+    /// The commit's id in the store.
+    pub commit_id: u64,
     /// The index of the message within its commit.
     pub index: u32,
     /// The handler this delivery is for.

@@ -161,6 +161,11 @@ impl Watchers {
         }
     }
 
+    /// True when someone in this process waits for `id`.
+    pub(crate) fn is_watched(&self, id: &OperationId) -> bool {
+        self.lock().get(id).is_some_and(|w| w.strong_count() > 0)
+    }
+
     /// Operations being watched now.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
@@ -193,7 +198,7 @@ impl Drop for WatchGuard {
 /// each delivery's progress followed by the outcome. Dropping the handle does not cancel
 /// anything: the operation runs to its end, and [`crate::Bus::outcome`] reads it later.
 pub struct Operation {
-    pub(crate) position: u64,
+    pub(crate) commit_id: u64,
     pub(crate) guard: WatchGuard,
     pub(crate) engine: Arc<Engine>,
 }
@@ -202,7 +207,7 @@ impl std::fmt::Debug for Operation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Operation")
             .field("id", &self.guard.id)
-            .field("position", &self.position)
+            .field("commit_id", &self.commit_id)
             .finish()
     }
 }
@@ -213,9 +218,9 @@ impl Operation {
         self.guard.id
     }
 
-    /// The commit's position in the log.
-    pub fn position(&self) -> u64 {
-        self.position
+    /// The commit's id in the store.
+    pub fn commit_id(&self) -> u64 {
+        self.commit_id
     }
 
     /// Waits for the outcome. Fails with [`Error::ShuttingDown`] if the bus shuts down first

@@ -122,12 +122,14 @@ pub struct NewCommit {
 /// What an append returns once the commit is durable.
 #[derive(Debug, Clone)]
 pub struct AppendReceipt {
-    /// The commit's position in the log (1, 2, …).
-    pub position: u64,
+    /// The commit's id: the key of its operation's state in this store. On stores that order the
+    /// log as they append (SQLite) it is also the log position; others give positions when they
+    /// seal the chain.
+    pub commit_id: u64,
     /// The delivery ids, in the order of [`NewCommit::deliveries`].
     pub delivery_ids: Vec<i64>,
-    /// The commit's chain hash.
-    pub chain_hash: Hash,
+    /// The commit's chain hash, when the store seals at append (`None` when it seals later).
+    pub chain_hash: Option<Hash>,
     /// Set when the commit had no deliveries: the operation is finished at once.
     pub finished: Option<Outcome>,
 }
@@ -141,8 +143,8 @@ pub struct ClaimedDelivery {
     pub fence: i64,
     /// Attempts already finished.
     pub attempts: u32,
-    /// The commit's position.
-    pub position: u64,
+    /// The commit's id (see [`AppendReceipt::commit_id`]).
+    pub commit_id: u64,
     /// The operation.
     pub operation_id: OperationId,
     /// Index of the message in the commit.
@@ -182,8 +184,8 @@ pub struct Completion {
     pub delivery_id: i64,
     /// The fence of the lease the attempt ran under: a stale fence counts for nothing.
     pub fence: i64,
-    /// The commit's position (the operation to update).
-    pub position: u64,
+    /// The commit's id (the operation to update).
+    pub commit_id: u64,
     /// Attempts finished, including this one.
     pub attempts: u32,
     /// What happened.
@@ -252,8 +254,8 @@ pub struct DeadLetter {
     pub delivery_id: i64,
     /// The operation.
     pub operation_id: OperationId,
-    /// The commit's position.
-    pub position: u64,
+    /// The commit's id.
+    pub commit_id: u64,
     /// Index of the message in the commit.
     pub message_index: u32,
     /// The handler.
@@ -307,6 +309,20 @@ pub struct Stats {
     pub pending_operations: u64,
 }
 
+/// What a store pushes to the buses on it, when it can: work and outcomes from other
+/// processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Notification {
+    /// Deliveries may be waiting: claim now rather than at the next poll.
+    Work,
+    /// An operation finished, possibly in another process: its outcome can be read.
+    Finished(OperationId),
+}
+
+/// A stream of notifications.
+pub type Notifications = futures_util::stream::BoxStream<'static, Notification>;
+
 /// The store contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -356,6 +372,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts what the store holds.
     async fn stats(&self) -> Result<Stats, Error>;
+
+    /// Notifications pushed by the store (another process committed work, an operation
+    /// finished elsewhere). A store without a push channel returns `None` (the default), and
+    /// buses rely on their poll interval instead; a single-process store needs none.
+    fn notifications(&self) -> Option<Notifications> {
+        None
+    }
 
     /// Flushes and closes; later calls fail with [`Error::Closed`].
     async fn close(&self) -> Result<(), Error>;

@@ -99,9 +99,9 @@ pub(crate) fn append(
     state.position = position;
     state.chain = chain_hash;
     Ok(AppendReceipt {
-        position,
+        commit_id: position,
         delivery_ids,
-        chain_hash,
+        chain_hash: Some(chain_hash),
         finished: finished.then_some(Outcome {
             operation_id: c.operation_id,
             error: None,

@@ -110,7 +110,7 @@ pub(crate) fn claim(
                 id,
                 fence,
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                position: u64::try_from(position).unwrap_or(0),
+                commit_id: u64::try_from(position).unwrap_or(0),
                 operation_id,
                 message_index: u32::try_from(idx).unwrap_or(u32::MAX),
                 handler,

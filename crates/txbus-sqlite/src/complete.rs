@@ -17,7 +17,7 @@ pub(crate) fn complete(
 ) -> Result<Vec<CompletionEffect>, Error> {
     let mut effects = Vec::with_capacity(completions.len());
     for c in completions {
-        let pos = i64::try_from(c.position).unwrap_or(i64::MAX);
+        let pos = i64::try_from(c.commit_id).unwrap_or(i64::MAX);
         let effect = match &c.result {
             DeliveryResult::Succeeded => {
                 // Below the retention floor the row is already past retention: remove it.

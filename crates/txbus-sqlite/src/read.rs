@@ -102,7 +102,7 @@ pub(crate) fn dead_letters(c: &Connection, q: &DeadLetterQuery) -> Result<Vec<De
         out.push(DeadLetter {
             delivery_id: d.id,
             operation_id: op_id(&d.op)?,
-            position: u64::try_from(d.position).unwrap_or(0),
+            commit_id: u64::try_from(d.position).unwrap_or(0),
             message_index: u32::try_from(d.idx).unwrap_or(0),
             handler: d.handler,
             attempts: u32::try_from(d.attempts).unwrap_or(0),

@@ -1,44 +1,60 @@
-//! The bus on the embedded store: outcomes, retries, rejects, timeouts, panics, dead letters,
-//! recovery, shutdown, retention, back-pressure and input validation.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The conformance suite: every behaviour of the bus, run against a store. Every store crate
+//! runs it (`txbus_core::conformance_tests!(MyHarness::new())` in a test file), so that every
+//! feature behaves the same on every store.
+//!
+//! A [`Harness`] makes fresh, empty stores and reopens them (to test restarts). Each case is a
+//! public async function; the macro turns each into a `#[tokio::test]`.
+// A test suite reports failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use txbus::{
-    Backoff, Bus, BusBuilder, DeadLetterQuery, Error, Event, FailureKind, HandlerError, Keep,
-    Message, On, OperationState, PolicyOverride, Progress, Retention, SchemaRegistry, SqliteStore,
-    TypedEvent,
+
+use crate::store::{
+    CommitKind, Completion, CompletionEffect, DeadLetterQuery, DeliveryResult, NewCommit,
+    NewDelivery, Store,
+};
+use crate::{
+    Backoff, Bus, BusBuilder, Error, Event, FailureKind, HandlerError, Keep, Message, On,
+    OperationState, PolicyOverride, Progress, Retention, SchemaRegistry, StoredMessage, TypedEvent,
 };
 
-/// A bound on how long a test may wait before it is declared hung; never a measurement.
-const HANG: Duration = Duration::from_secs(60);
-
-fn store(dir: &tempfile::TempDir) -> SqliteStore {
-    SqliteStore::open(dir.path().join("bus.db")).unwrap()
+/// Makes stores for the suite.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// A fresh, empty store, and a key to reopen it with.
+    async fn create(&self) -> (String, Arc<dyn Store>);
+    /// Opens the store of `key` again, after the previous handle was shut down.
+    async fn reopen(&self, key: &str) -> Arc<dyn Store>;
+    /// Removes what the harness created (called at the end of each passing case).
+    async fn cleanup(&self) {}
 }
 
-fn builder(dir: &tempfile::TempDir) -> BusBuilder {
+/// A bound on how long a case may wait before it is declared hung; never a measurement.
+const HANG: Duration = Duration::from_secs(60);
+
+fn builder(store: Arc<dyn Store>) -> BusBuilder {
     Bus::builder()
-        .store(store(dir))
+        .shared_store(store)
         .backoff(Backoff::fixed(Duration::from_millis(5)))
         .poll_interval(Duration::from_millis(50))
 }
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(HANG, f).await.expect("the test hung")
+    tokio::time::timeout(HANG, f).await.expect("the case hung")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transact_succeeds_when_every_handler_succeeds() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn transact_succeeds_when_every_handler_succeeds(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let seen = Arc::new(AtomicUsize::new(0));
     let (s1, s2) = (seen.clone(), seen.clone());
-    let bus = builder(&dir)
+    let bus = builder(store)
         .handler(
             "user-writer",
             On::event("user.created").module("user"),
@@ -98,10 +114,9 @@ async fn transact_succeeds_when_every_handler_succeeds() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_without_subscribers_succeeds_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = builder(&dir).build().await.unwrap();
+pub async fn a_commit_without_subscribers_succeeds_at_once(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store).build().await.unwrap();
     let op = bus
         .transact([Event::new("nobody.listens", json!({}))])
         .await
@@ -110,12 +125,11 @@ async fn a_commit_without_subscribers_succeeds_at_once() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reject_fails_the_operation_at_once_without_retry() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn a_reject_fails_the_operation_at_once_without_retry(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let bus = builder(&dir)
+    let bus = builder(store)
         .max_retries(5)
         .handler("ok", On::event("a"), |_m: Message| async { Ok(()) })
         .handler("picky", On::event("b"), move |_m: Message| {
@@ -153,10 +167,9 @@ async fn a_reject_fails_the_operation_at_once_without_retry() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_errors_are_retried_until_success() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = builder(&dir)
+pub async fn transient_errors_are_retried_until_success(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store)
         .max_retries(3)
         .handler("flaky", On::event("x"), |m: Message| async move {
             if m.attempt() < 3 {
@@ -189,12 +202,11 @@ async fn transient_errors_are_retried_until_success() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exhausted_retries_make_a_dead_letter_that_can_be_replayed() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn exhausted_retries_make_a_dead_letter_that_can_be_replayed(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h = healed.clone();
-    let bus = builder(&dir)
+    let bus = builder(store)
         .max_retries(2)
         .handler("fragile", On::event("job"), move |_m: Message| {
             let h = h.clone();
@@ -260,10 +272,9 @@ async fn exhausted_retries_make_a_dead_letter_that_can_be_replayed() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_and_panics_are_transient_and_contained() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = builder(&dir)
+pub async fn timeouts_and_panics_are_transient_and_contained(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store)
         .max_retries(1)
         .handler_with(
             "sleepy",
@@ -315,16 +326,15 @@ async fn timeouts_and_panics_are_transient_and_contained() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_events_are_rejected_and_nothing_is_written() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn invalid_events_are_rejected_and_nothing_is_written(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let schemas = SchemaRegistry::new()
         .register(
             "user.created",
             json!({"type": "object", "required": ["email"], "properties": {"email": {"type": "string"}}}),
         )
         .unwrap();
-    let bus = builder(&dir)
+    let bus = builder(store)
         .schemas(schemas)
         .max_payload_bytes(64)
         .handler("h", On::all(), |_m: Message| async { Ok(()) })
@@ -366,12 +376,11 @@ async fn invalid_events_are_rejected_and_nothing_is_written() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn building_without_a_store_is_an_error() {
+pub async fn building_without_a_store_is_an_error(h: &dyn Harness) {
     let err = Bus::builder().build().await.unwrap_err();
     assert!(matches!(err, Error::NoStore), "{err:?}");
-    let dir = tempfile::tempdir().unwrap();
-    let err = builder(&dir)
+    let (_key, store) = h.create().await;
+    let err = builder(store)
         .handler("same", On::all(), |_m: Message| async { Ok(()) })
         .handler("same", On::all(), |_m: Message| async { Ok(()) })
         .build()
@@ -380,21 +389,10 @@ async fn building_without_a_store_is_an_error() {
     assert!(err.to_string().contains("registered twice"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_file_is_opened_by_one_bus_at_a_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let first = store(&dir);
-    let second = SqliteStore::open(dir.path().join("bus.db"));
-    assert!(matches!(second, Err(txbus::store::Error::Locked { .. })));
-    drop(first);
-    assert!(SqliteStore::open(dir.path().join("bus.db")).is_ok());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it(h: &dyn Harness) {
+    let (key, store) = h.create().await;
     // First life: handlers paused, so the work is committed but not done.
-    let bus = builder(&dir)
+    let bus = builder(store)
         .start_paused(true)
         .handler("h", On::event("e"), |_m: Message| async { Ok(()) })
         .build()
@@ -410,7 +408,7 @@ async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it() {
     assert_eq!(report.released, 2);
 
     // Second life: the same handler picks the work up; the outcome is readable by id.
-    let bus = builder(&dir)
+    let bus = builder(h.reopen(&key).await)
         .handler("h", On::event("e"), |_m: Message| async { Ok(()) })
         .build()
         .await
@@ -420,11 +418,11 @@ async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 
     // Third life: nothing to do, the outcome is still there.
-    let bus = builder(&dir).build().await.unwrap();
+    let bus = builder(h.reopen(&key).await).build().await.unwrap();
     assert!(
         matches!(bus.outcome(id).await.unwrap(), Some(OperationState::Finished(o)) if o.is_ok())
     );
-    let unknown = txbus::OperationId::new();
+    let unknown = crate::OperationId::new();
     assert!(bus.outcome(unknown).await.unwrap().is_none());
     assert!(matches!(
         bus.wait(unknown).await,
@@ -433,12 +431,11 @@ async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_drains_within_its_deadline_and_leaves_the_rest_pending() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn shutdown_drains_within_its_deadline_and_leaves_the_rest_pending(h: &dyn Harness) {
+    let (key, store) = h.create().await;
     let started = Arc::new(tokio::sync::Notify::new());
     let s = started.clone();
-    let bus = builder(&dir)
+    let bus = builder(store)
         .handler("quick", On::event("quick"), |_m: Message| async { Ok(()) })
         .handler("stuck", On::event("stuck"), move |_m: Message| {
             let s = s.clone();
@@ -473,7 +470,7 @@ async fn shutdown_drains_within_its_deadline_and_leaves_the_rest_pending() {
     ));
 
     // The next start runs the released delivery to its end.
-    let bus = builder(&dir)
+    let bus = builder(h.reopen(&key).await)
         .handler("stuck", On::event("stuck"), |_m: Message| async { Ok(()) })
         .build()
         .await
@@ -482,12 +479,11 @@ async fn shutdown_drains_within_its_deadline_and_leaves_the_rest_pending() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_buffer_leaves_work_in_the_store_and_all_of_it_is_done() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn a_full_buffer_leaves_work_in_the_store_and_all_of_it_is_done(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
-    let bus = builder(&dir)
+    let bus = builder(store)
         .buffer_capacity(4)
         .start_paused(true)
         .handler("count", On::event("n"), move |_m: Message| {
@@ -515,13 +511,12 @@ async fn a_full_buffer_leaves_work_in_the_store_and_all_of_it_is_done() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handler_concurrency_is_limited() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn handler_concurrency_is_limited(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let (r, p) = (running.clone(), peak.clone());
-    let bus = builder(&dir)
+    let bus = builder(store)
         .handler_with(
             "two-at-a-time",
             On::event("w"),
@@ -562,12 +557,11 @@ impl TypedEvent for OrderPlaced {
     const MODULE: Option<&'static str> = Some("order");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn typed_events_and_handlers() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn typed_events_and_handlers(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
     let g = got.clone();
-    let bus = builder(&dir)
+    let bus = builder(store)
         .on::<OrderPlaced, _, _>("order-writer", move |e: OrderPlaced, m: Message| {
             let g = g.clone();
             async move {
@@ -604,16 +598,15 @@ async fn typed_events_and_handlers() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_bounds_finished_deliveries_and_outcomes() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn retention_bounds_finished_deliveries_and_outcomes(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let retention = Retention {
         succeeded: Keep::new(5, Duration::from_secs(3600)),
         failed: Keep::new(2, Duration::from_secs(3600)),
         outcomes: Keep::new(3, Duration::from_secs(3600)),
         interval: Duration::from_secs(3600),
     };
-    let bus = builder(&dir)
+    let bus = builder(store)
         .retention(retention)
         .max_retries(0)
         .handler("ok", On::event("ok"), |_m: Message| async { Ok(()) })
@@ -647,9 +640,8 @@ async fn retention_bounds_finished_deliveries_and_outcomes() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     let retention = Retention {
@@ -658,7 +650,7 @@ async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
         outcomes: Keep::new(2, Duration::from_secs(3600)),
         interval: Duration::from_secs(3600),
     };
-    let bus = builder(&dir)
+    let bus = builder(store)
         .retention(retention)
         .handler("gated", On::event("gated"), move |_m: Message| {
             let g = g.clone();
@@ -689,8 +681,10 @@ async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
     ));
 
     gate.add_permits(1);
-    // Its caller still gets the outcome; the store keeps neither its delivery nor its outcome.
+    // Its caller still gets the outcome; once pruned, the store keeps neither its delivery nor
+    // its outcome (a store may drop them as they finish or on the next pass).
     assert!(within(old.outcome()).await.unwrap().is_ok());
+    bus.prune().await.unwrap();
     assert!(bus.outcome(old.id()).await.unwrap().is_none());
     let stats = bus.stats().await.unwrap();
     assert_eq!(stats.deliveries.succeeded, 2);
@@ -700,9 +694,8 @@ async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_by_age_removes_everything_older_than_the_bound() {
-    let dir = tempfile::tempdir().unwrap();
+pub async fn retention_by_age_removes_everything_older_than_the_bound(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
     let unlimited = u64::MAX;
     let retention = Retention {
         succeeded: Keep::new(unlimited, Duration::ZERO),
@@ -710,7 +703,7 @@ async fn retention_by_age_removes_everything_older_than_the_bound() {
         outcomes: Keep::new(unlimited, Duration::ZERO),
         interval: Duration::from_secs(3600),
     };
-    let bus = builder(&dir)
+    let bus = builder(store)
         .retention(retention)
         .max_retries(0)
         .handler("ok", On::event("ok"), |_m: Message| async { Ok(()) })
@@ -745,4 +738,231 @@ async fn retention_by_age_removes_everything_older_than_the_bound() {
     assert_eq!(stats.deliveries, Default::default());
     assert_eq!(stats.commits, 4);
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+fn one_message_commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
+    let payload = json!({"n": n});
+    NewCommit {
+        operation_id: crate::OperationId::new(),
+        kind: CommitKind::Transact,
+        created_at_ms: crate::engine::now_ms(),
+        messages: vec![Arc::new(StoredMessage {
+            id: crate::MessageId::new(),
+            event_type: "thing.happened".into(),
+            module: None,
+            payload_json: payload.to_string(),
+            payload,
+            headers: Default::default(),
+            headers_json: "{}".into(),
+        })],
+        deliveries: vec![NewDelivery {
+            message_index: 0,
+            handler: Arc::from("h"),
+        }],
+        lease_to,
+    }
+}
+
+/// A lease whose holder stopped sending heartbeats is taken over with a higher fence; the
+/// old holder's late ack counts for nothing.
+pub async fn a_late_ack_from_a_superseded_lease_counts_for_nothing(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let ttl = Duration::from_millis(50);
+    store.heartbeat(a).await.unwrap();
+    store.heartbeat(b).await.unwrap();
+    let receipt = store.append(one_message_commit(1, Some(a))).await.unwrap();
+    let id = receipt.delivery_ids[0];
+    let handlers = vec!["h".to_owned()];
+    // While A is alive, B cannot take its lease.
+    assert!(store
+        .claim(b, &handlers, 10, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_empty());
+    let taken = within(async {
+        loop {
+            store.heartbeat(b).await.unwrap();
+            let got = store.claim(b, &handlers, 10, ttl).await.unwrap();
+            if !got.is_empty() {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].id, id);
+    assert_eq!(taken[0].fence, 2);
+    assert_eq!(taken[0].message.payload, json!({"n": 1}));
+    let ack = |fence| Completion {
+        delivery_id: id,
+        fence,
+        commit_id: receipt.commit_id,
+        attempts: 1,
+        result: DeliveryResult::Succeeded,
+    };
+    assert_eq!(
+        store.complete(vec![ack(1)]).await.unwrap(),
+        vec![CompletionEffect::Stale]
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.deliveries.leased, 1);
+    assert_eq!(stats.pending_operations, 1);
+    match store.complete(vec![ack(2)]).await.unwrap().as_slice() {
+        [CompletionEffect::Applied(Some(outcome))] => assert!(outcome.is_ok()),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        store.complete(vec![ack(2)]).await.unwrap(),
+        vec![CompletionEffect::Stale]
+    );
+    store.close().await.unwrap();
+}
+
+/// The log reads back in order with intact hashes.
+pub async fn the_log_reads_back_in_order_and_verifies(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let mut ops = Vec::new();
+    for n in 1..=20 {
+        let c = one_message_commit(n, None);
+        ops.push(c.operation_id);
+        store.append(c).await.unwrap();
+    }
+    let log = within(async {
+        loop {
+            let log = store.read_log(0, 100).await.unwrap();
+            if log.len() == 20 {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let positions: Vec<u64> = log.iter().map(|c| c.position).collect();
+    assert_eq!(positions, (1..=20).collect::<Vec<u64>>());
+    let mut seen: Vec<_> = log.iter().map(|c| c.operation_id).collect();
+    seen.sort();
+    ops.sort();
+    assert_eq!(seen, ops, "every commit exactly once");
+    assert_eq!(store.read_log(15, 100).await.unwrap().len(), 5);
+    let report = crate::chain::verify(store.as_ref()).await.unwrap();
+    assert!(report.is_intact());
+    assert_eq!(report.verified, 20);
+    store.close().await.unwrap();
+}
+
+/// Generates one `#[tokio::test]` per case of the suite, each with a harness made by `$harness`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn transact_succeeds_when_every_handler_succeeds() {
+            let harness = $harness;
+            $crate::conformance::transact_succeeds_when_every_handler_succeeds(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_commit_without_subscribers_succeeds_at_once() {
+            let harness = $harness;
+            $crate::conformance::a_commit_without_subscribers_succeeds_at_once(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_reject_fails_the_operation_at_once_without_retry() {
+            let harness = $harness;
+            $crate::conformance::a_reject_fails_the_operation_at_once_without_retry(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn transient_errors_are_retried_until_success() {
+            let harness = $harness;
+            $crate::conformance::transient_errors_are_retried_until_success(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn exhausted_retries_make_a_dead_letter_that_can_be_replayed() {
+            let harness = $harness;
+            $crate::conformance::exhausted_retries_make_a_dead_letter_that_can_be_replayed(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn timeouts_and_panics_are_transient_and_contained() {
+            let harness = $harness;
+            $crate::conformance::timeouts_and_panics_are_transient_and_contained(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn invalid_events_are_rejected_and_nothing_is_written() {
+            let harness = $harness;
+            $crate::conformance::invalid_events_are_rejected_and_nothing_is_written(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn building_without_a_store_is_an_error() {
+            let harness = $harness;
+            $crate::conformance::building_without_a_store_is_an_error(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn unfinished_work_resumes_after_a_restart_and_outcomes_survive_it() {
+            let harness = $harness;
+            $crate::conformance::unfinished_work_resumes_after_a_restart_and_outcomes_survive_it(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn shutdown_drains_within_its_deadline_and_leaves_the_rest_pending() {
+            let harness = $harness;
+            $crate::conformance::shutdown_drains_within_its_deadline_and_leaves_the_rest_pending(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_full_buffer_leaves_work_in_the_store_and_all_of_it_is_done() {
+            let harness = $harness;
+            $crate::conformance::a_full_buffer_leaves_work_in_the_store_and_all_of_it_is_done(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn handler_concurrency_is_limited() {
+            let harness = $harness;
+            $crate::conformance::handler_concurrency_is_limited(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn typed_events_and_handlers() {
+            let harness = $harness;
+            $crate::conformance::typed_events_and_handlers(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retention_bounds_finished_deliveries_and_outcomes() {
+            let harness = $harness;
+            $crate::conformance::retention_bounds_finished_deliveries_and_outcomes(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes() {
+            let harness = $harness;
+            $crate::conformance::work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retention_by_age_removes_everything_older_than_the_bound() {
+            let harness = $harness;
+            $crate::conformance::retention_by_age_removes_everything_older_than_the_bound(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_late_ack_from_a_superseded_lease_counts_for_nothing() {
+            let harness = $harness;
+            $crate::conformance::a_late_ack_from_a_superseded_lease_counts_for_nothing(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_log_reads_back_in_order_and_verifies() {
+            let harness = $harness;
+            $crate::conformance::the_log_reads_back_in_order_and_verifies(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+    };
 }

@@ -1,0 +1,1 @@
+//! The PostgreSQL store for txbus (being built: see the open issue).
