@@ -116,6 +116,15 @@ impl Bus {
             .await?)
     }
 
+    /// Forgets a handler that was retired from every process sharing the store, so that new
+    /// commits no longer create deliveries for it. Only meaningful on shared stores; on an
+    /// embedded store only the handlers of the running bus are routed to anyway.
+    pub async fn unsubscribe(&self, name: &str) -> Result<bool, Error> {
+        let existed = self.engine.store.unsubscribe(name).await?;
+        self.engine.refresh_routes().await?;
+        Ok(existed)
+    }
+
     /// Stops starting new attempts; commits go on and pile up in the store.
     pub fn pause(&self) {
         self.engine.pause();

@@ -758,6 +758,7 @@ fn one_message_commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
         deliveries: vec![NewDelivery {
             message_index: 0,
             handler: Arc::from("h"),
+            leased: true,
         }],
         lease_to,
     }

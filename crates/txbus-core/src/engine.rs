@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
@@ -28,7 +28,7 @@ use crate::retention::Retention;
 use crate::schema::SchemaRegistry;
 use crate::store::{
     ClaimedDelivery, CommitKind, Completion, CompletionEffect, DeliveryResult, NewCommit,
-    NewDelivery, OwnerId, Store,
+    NewDelivery, OwnerId, Store, Subscription,
 };
 
 /// Milliseconds since the Unix epoch.
@@ -44,6 +44,14 @@ pub(crate) struct HandlerEntry {
     pub(crate) filter: On,
     pub(crate) policy: Policy,
     pub(crate) handler: Arc<dyn ErasedHandler>,
+}
+
+/// Where matching messages go: a handler of this bus (`local`) or, on a shared store, a
+/// handler that another process subscribed.
+pub(crate) struct Route {
+    name: Arc<str>,
+    filter: On,
+    local: Option<usize>,
 }
 
 /// Engine settings, fixed at build time.
@@ -161,6 +169,7 @@ pub(crate) struct Engine {
     handlers: Vec<HandlerEntry>,
     handler_names: Vec<String>,
     by_name: HashMap<Arc<str>, usize>,
+    routes: RwLock<Arc<Vec<Route>>>,
     queues: Vec<mpsc::UnboundedSender<Job>>,
     slots: Arc<Semaphore>,
     global: Arc<Semaphore>,
@@ -208,6 +217,7 @@ impl Engine {
             handlers,
             handler_names,
             by_name,
+            routes: RwLock::new(Arc::new(Vec::new())),
             queues,
             watchers: Arc::new(Watchers::default()),
             claim_wake: Notify::new(),
@@ -216,6 +226,10 @@ impl Engine {
             attempts: Arc::new(Tracker::default()),
             background: Mutex::new(Vec::new()),
         });
+        if engine.store.is_shared() {
+            engine.store.subscribe(engine.local_subscriptions()).await?;
+        }
+        engine.refresh_routes().await?;
         let mut background = Vec::new();
         for (index, rx) in receivers.into_iter().enumerate() {
             background.push(tokio::spawn(Arc::clone(&engine).dispatch(index, rx)).abort_handle());
@@ -238,6 +252,48 @@ impl Engine {
         Ok(engine)
     }
 
+    fn local_subscriptions(&self) -> Vec<Subscription> {
+        self.handlers
+            .iter()
+            .map(|h| Subscription {
+                name: h.name.to_string(),
+                filter: h.filter.clone(),
+            })
+            .collect()
+    }
+
+    fn route_table(&self) -> Arc<Vec<Route>> {
+        Arc::clone(&self.routes.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Rebuilds the route table: this bus's handlers, then (on a shared store) every handler
+    /// other processes subscribed.
+    pub(crate) async fn refresh_routes(&self) -> Result<(), Error> {
+        let mut table: Vec<Route> = self
+            .handlers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| Route {
+                name: Arc::clone(&h.name),
+                filter: h.filter.clone(),
+                local: Some(i),
+            })
+            .collect();
+        if self.store.is_shared() {
+            for s in self.store.subscriptions().await? {
+                if !self.by_name.contains_key(s.name.as_str()) {
+                    table.push(Route {
+                        name: Arc::from(s.name.as_str()),
+                        filter: s.filter,
+                        local: None,
+                    });
+                }
+            }
+        }
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        Ok(())
+    }
+
     fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
     }
@@ -254,38 +310,44 @@ impl Engine {
         }
         let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
         let operation_id = OperationId::new();
-        let mut routes: Vec<(u32, usize)> = Vec::new();
+        // (message index, route) for every subscribed handler, local or in another process.
+        let table = self.route_table();
+        let mut targets: Vec<(u32, &Route)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
-            for (h, entry) in self.handlers.iter().enumerate() {
-                if entry.filter.matches(m) {
-                    routes.push((index, h));
-                }
-            }
+            targets.extend(
+                table
+                    .iter()
+                    .filter(|r| r.filter.matches(m))
+                    .map(|r| (index, r)),
+            );
         }
-        // Reserve room in memory first: if there is some, the deliveries are leased to us in
-        // the same commit and run without being read back.
-        let permits = if routes.is_empty() {
+        let local = targets.iter().filter(|(_, r)| r.local.is_some()).count();
+        // Reserve room in memory for this bus's own handlers first: if there is some, their
+        // deliveries are leased to us in the same commit and run without being read back.
+        let permits = if local == 0 {
             None
         } else {
-            u32::try_from(routes.len())
+            u32::try_from(local)
                 .ok()
                 .and_then(|n| Arc::clone(&self.slots).try_acquire_many_owned(n).ok())
         };
         let guard = watch.then(|| self.watchers.watch(operation_id));
+        let leased = permits.is_some();
         let commit = NewCommit {
             operation_id,
             kind,
             created_at_ms: now_ms(),
             messages: messages.clone(),
-            deliveries: routes
+            deliveries: targets
                 .iter()
-                .map(|&(message_index, h)| NewDelivery {
+                .map(|&(message_index, r)| NewDelivery {
                     message_index,
-                    handler: Arc::clone(&self.handlers[h].name),
+                    handler: Arc::clone(&r.name),
+                    leased: leased && r.local.is_some(),
                 })
                 .collect(),
-            lease_to: permits.as_ref().map(|_| self.owner),
+            lease_to: leased.then_some(self.owner),
         };
         let receipt = self.store.append(commit).await?;
         if let Some(outcome) = receipt.finished {
@@ -293,12 +355,13 @@ impl Engine {
         }
         match permits {
             Some(permits) => {
-                let last = routes.len() - 1;
                 let mut rest = Some(permits);
-                for (k, (&(index, h), &id)) in routes.iter().zip(&receipt.delivery_ids).enumerate()
-                {
+                let mut left = local;
+                for (&(index, r), &id) in targets.iter().zip(&receipt.delivery_ids) {
+                    let Some(h) = r.local else { continue };
                     // One slot per delivery: split one off, the last takes what remains.
-                    let slot = if k == last {
+                    left -= 1;
+                    let slot = if left == 0 {
                         rest.take()
                     } else {
                         rest.as_mut().and_then(|p| p.split(1))
@@ -318,7 +381,7 @@ impl Engine {
                     self.enqueue(job);
                 }
             }
-            None if !routes.is_empty() => self.wake_claimer(),
+            None if local > 0 => self.wake_claimer(),
             None => {}
         }
         Ok((receipt.commit_id, operation_id, guard))
@@ -654,6 +717,11 @@ impl Engine {
         while let Some(n) = notifications.next().await {
             match n {
                 crate::store::Notification::Work => self.wake_claimer(),
+                crate::store::Notification::Subscriptions => {
+                    if let Err(e) = self.refresh_routes().await {
+                        tracing::warn!(error = %e, "refreshing subscriptions failed");
+                    }
+                }
                 crate::store::Notification::Finished(id) => {
                     if !self.watchers.is_watched(&id) {
                         continue;
@@ -682,6 +750,11 @@ impl Engine {
             }
             if let Err(e) = self.store.heartbeat(self.owner).await {
                 tracing::error!(error = %e, "heartbeat failed; leases may be taken over");
+            }
+            if self.store.is_shared() {
+                if let Err(e) = self.refresh_routes().await {
+                    tracing::warn!(error = %e, "refreshing subscriptions failed");
+                }
             }
         }
     }

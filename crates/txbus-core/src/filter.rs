@@ -2,7 +2,8 @@
 
 use crate::message::StoredMessage;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum TypeMatch {
     Any,
     Exact(String),
@@ -18,7 +19,7 @@ enum TypeMatch {
 /// let whole_module = On::in_module("audit");
 /// # let _ = (exact, every_user_event, whole_module);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct On {
     event: TypeMatch,
     module: Option<String>,

@@ -99,6 +99,19 @@ pub struct NewDelivery {
     pub message_index: u32,
     /// The handler's stable name.
     pub handler: Arc<str>,
+    /// Create it leased to [`NewCommit::lease_to`] (a handler of the committing bus, with room
+    /// in memory); otherwise it is pending, for whichever bus claims it.
+    pub leased: bool,
+}
+
+/// A handler subscription as a shared store keeps it, so that a bus routes messages to
+/// handlers that live in other processes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Subscription {
+    /// The handler's stable name.
+    pub name: String,
+    /// Which messages it takes.
+    pub filter: crate::On,
 }
 
 /// A commit to append.
@@ -114,8 +127,8 @@ pub struct NewCommit {
     pub messages: Vec<Arc<StoredMessage>>,
     /// One delivery per (message, subscribed handler).
     pub deliveries: Vec<NewDelivery>,
-    /// When set, the deliveries are created already leased to this owner (fence 1), so that the
-    /// committing process runs them without another round trip; otherwise they are pending.
+    /// The owner that deliveries marked [`NewDelivery::leased`] are leased to (fence 1), so that
+    /// the committing process runs them without another round trip. `None`: all are pending.
     pub lease_to: Option<OwnerId>,
 }
 
@@ -318,6 +331,8 @@ pub enum Notification {
     Work,
     /// An operation finished, possibly in another process: its outcome can be read.
     Finished(OperationId),
+    /// Subscriptions changed (a bus with new handlers started): re-read them.
+    Subscriptions,
 }
 
 /// A stream of notifications.
@@ -372,6 +387,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts what the store holds.
     async fn stats(&self) -> Result<Stats, Error>;
+
+    /// True when several processes share this store: buses then record their subscriptions in
+    /// it and route to the handlers of every process. Embedded stores (one process per file)
+    /// keep the default, `false`, and route to their own handlers only.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Records (or updates) subscriptions. Only called on shared stores.
+    async fn subscribe(&self, subscriptions: Vec<Subscription>) -> Result<(), Error> {
+        let _ = subscriptions;
+        Ok(())
+    }
+
+    /// Every recorded subscription. Only called on shared stores.
+    async fn subscriptions(&self) -> Result<Vec<Subscription>, Error> {
+        Ok(Vec::new())
+    }
+
+    /// Forgets a subscription (a handler retired from every process); its pending deliveries
+    /// stay, visible, until pruned or handled. True when it existed.
+    async fn unsubscribe(&self, name: &str) -> Result<bool, Error> {
+        let _ = name;
+        Ok(false)
+    }
 
     /// Notifications pushed by the store (another process committed work, an operation
     /// finished elsewhere). A store without a push channel returns `None` (the default), and

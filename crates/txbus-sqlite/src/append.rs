@@ -75,11 +75,11 @@ pub(crate) fn append(
                  VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?8)",
             )
             .map_err(sql("preparing a delivery insert"))?;
-        let (st, fence, owner) = match &c.lease_to {
-            Some(owner) => (status::LEASED, 1, Some(owner.as_bytes().as_slice())),
-            None => (status::PENDING, 0, None),
-        };
         for d in &c.deliveries {
+            let (st, fence, owner) = match &c.lease_to {
+                Some(owner) if d.leased => (status::LEASED, 1, Some(owner.as_bytes().as_slice())),
+                _ => (status::PENDING, 0, None),
+            };
             let id = state.next_delivery_id;
             state.next_delivery_id += 1;
             stmt.execute(params![

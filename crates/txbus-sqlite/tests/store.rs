@@ -33,6 +33,7 @@ fn commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
         deliveries: vec![NewDelivery {
             message_index: 0,
             handler: Arc::from("h"),
+            leased: true,
         }],
         lease_to,
     }
