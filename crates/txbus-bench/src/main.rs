@@ -5,7 +5,8 @@
 //! cargo run --release -p txbus-bench -- <scenario> [--json] [--secs N] [--callers N] [--dir PATH]
 //! ```
 //!
-//! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `pending-memory`, `all`.
+//! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `raw-postgres`,
+//! `pending-memory`, `all`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -13,8 +14,11 @@
     clippy::expect_used
 )]
 
+mod raw_postgres;
+mod raw_sqlite;
 mod report;
 mod scenarios;
+mod store;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +32,7 @@ pub struct Args {
     callers: usize,
     dir: Option<PathBuf>,
     pending: u64,
+    store: Option<String>,
 }
 
 const USAGE: &str =
@@ -43,6 +48,7 @@ fn parse() -> Result<Args, String> {
         callers: 256,
         dir: None,
         pending: 1_000_000,
+        store: None,
     };
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -68,6 +74,7 @@ fn parse() -> Result<Args, String> {
                     .map_err(|_| format!("--pending {v:?} is not a count"))?;
             }
             "--dir" => out.dir = Some(PathBuf::from(value("--dir")?)),
+            "--store" => out.store = Some(value("--store")?),
             "-h" | "--help" => return Err(USAGE.into()),
             s if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
             s if out.scenario.is_empty() => out.scenario = s.to_owned(),

@@ -6,14 +6,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use txbus::{Bus, Event, Message, On, SqliteStore};
+use txbus::{Bus, Event, Message, On};
+
+use crate::raw_postgres::raw_postgres;
+use crate::raw_sqlite::raw_sqlite;
+use crate::store::Target;
 
 use crate::report::{print_check, Line};
 use crate::Args;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any error, for the benchmark's own plumbing.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn workdir(args: &Args) -> Result<tempfile::TempDir, BoxError> {
+/// A fresh directory for one scenario's files.
+pub fn workdir(args: &Args) -> Result<tempfile::TempDir, BoxError> {
     Ok(match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -38,6 +44,11 @@ pub async fn run(args: &Args) -> Result<(), BoxError> {
                 line.print(args.json);
             }
         }
+        "raw-postgres" => {
+            for line in raw_postgres(args, &pg_url(args)).await? {
+                line.print(args.json);
+            }
+        }
         "pending-memory" => pending_memory(args).await?.print(args.json),
         "all" => all(args).await?,
         other => return Err(format!("unknown scenario {other:?}\n{}", crate::USAGE).into()),
@@ -45,7 +56,54 @@ pub async fn run(args: &Args) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The PostgreSQL database of `--store`, or the local test database.
+fn pg_url(args: &Args) -> String {
+    args.store
+        .clone()
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Every scenario on PostgreSQL, beside its raw limit, and the targets of the PostgreSQL store.
+async fn all_postgres(args: &Args) -> Result<(), BoxError> {
+    let short = Args {
+        secs: args.secs.min(Duration::from_secs(5)),
+        ..args.clone()
+    };
+    let raw = raw_postgres(&short, &pg_url(args)).await?;
+    for l in &raw {
+        l.print(args.json);
+    }
+    let tx = transact(&short).await?;
+    tx.print(args.json);
+    let lat = transact_latency(&short).await?;
+    lat.print(args.json);
+    for l in publish(&short).await? {
+        l.print(args.json);
+    }
+    let (raw_commit, raw_commit_1) = (&raw[0], &raw[1]);
+    let r = tx.ops_per_sec() / raw_commit.ops_per_sec();
+    print_check(
+        args.json,
+        "transact ops/s / raw-postgres-commit commits/s",
+        r,
+        ">= 1.0",
+        r >= 1.0,
+    );
+    let r = lat.percentile_ms(0.5) / raw_commit_1.percentile_ms(0.5);
+    print_check(
+        args.json,
+        "transact-latency p50 / raw-postgres-commit-1 p50",
+        r,
+        "<= 3",
+        r <= 3.0,
+    );
+    Ok(())
+}
+
 async fn all(args: &Args) -> Result<(), BoxError> {
+    if args.store.is_some() {
+        return all_postgres(args).await;
+    }
     let short = Args {
         secs: args.secs.min(Duration::from_secs(5)),
         ..args.clone()
@@ -115,9 +173,9 @@ async fn all(args: &Args) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn bus_with_noop(dir: &tempfile::TempDir, paused: bool) -> Result<Bus, BoxError> {
+async fn bus_with_noop(target: &Target, paused: bool) -> Result<Bus, BoxError> {
     Ok(Bus::builder()
-        .store(SqliteStore::open(dir.path().join("bench.db"))?)
+        .shared_store(target.open().await?)
         .handler("noop", On::event("bench.event"), |_m: Message| async {
             Ok(())
         })
@@ -128,8 +186,8 @@ async fn bus_with_noop(dir: &tempfile::TempDir, paused: bool) -> Result<Bus, Box
 
 /// Many callers, each committing one event and awaiting its outcome, over and over.
 async fn transact(args: &Args) -> Result<Line, BoxError> {
-    let dir = workdir(args)?;
-    let bus = bus_with_noop(&dir, false).await?;
+    let target = Target::new(args).await?;
+    let bus = bus_with_noop(&target, false).await?;
     let deadline = Instant::now() + args.secs;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -161,13 +219,14 @@ async fn transact(args: &Args) -> Result<Line, BoxError> {
     }
     let elapsed = start.elapsed();
     bus.shutdown(Duration::from_secs(10)).await?;
+    target.cleanup().await?;
     Ok(Line::new("transact", all.len() as u64, elapsed, all).with("callers", args.callers as f64))
 }
 
 /// One caller, one operation at a time: commit, handle, outcome.
 async fn transact_latency(args: &Args) -> Result<Line, BoxError> {
-    let dir = workdir(args)?;
-    let bus = bus_with_noop(&dir, false).await?;
+    let target = Target::new(args).await?;
+    let bus = bus_with_noop(&target, false).await?;
     // Warm up the page cache and prepared statements.
     for i in 0..50 {
         bus.transact([Event::new("bench.event", json!({"n": i}))])
@@ -189,6 +248,7 @@ async fn transact_latency(args: &Args) -> Result<Line, BoxError> {
     }
     let elapsed = start.elapsed();
     bus.shutdown(Duration::from_secs(10)).await?;
+    target.cleanup().await?;
     Ok(Line::new(
         "transact-latency",
         lat.len() as u64,
@@ -199,7 +259,7 @@ async fn transact_latency(args: &Args) -> Result<Line, BoxError> {
 
 /// Many callers publishing; the handler records when each event was handled.
 async fn publish(args: &Args) -> Result<Vec<Line>, BoxError> {
-    let dir = workdir(args)?;
+    let target = Target::new(args).await?;
     let origin = Instant::now();
     let handled = Arc::new(AtomicU64::new(0));
     let last_handled_ns = Arc::new(AtomicU64::new(0));
@@ -210,7 +270,7 @@ async fn publish(args: &Args) -> Result<Vec<Line>, BoxError> {
         handled_lat.clone(),
     );
     let bus = Bus::builder()
-        .store(SqliteStore::open(dir.path().join("bench.db"))?)
+        .shared_store(target.open().await?)
         .handler("recorder", On::event("bench.event"), move |m: Message| {
             let (h, l, hl) = (h.clone(), l.clone(), hl.clone());
             async move {
@@ -266,81 +326,12 @@ async fn publish(args: &Args) -> Result<Vec<Line>, BoxError> {
     );
     let lat = std::mem::take(&mut *handled_lat.lock().map_err(|_| "poisoned")?);
     bus.shutdown(Duration::from_secs(10)).await?;
+    target.cleanup().await?;
     Ok(vec![
         Line::new("publish", published, enqueue_elapsed, enqueue)
             .with("callers", args.callers as f64),
         Line::new("publish-handled", done, handled_elapsed, lat),
     ])
-}
-
-fn raw_conn(dir: &tempfile::TempDir) -> Result<rusqlite::Connection, BoxError> {
-    let conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = FULL;
-         CREATE TABLE messages (
-             position INTEGER NOT NULL, idx INTEGER NOT NULL, id BLOB NOT NULL,
-             event_type TEXT NOT NULL, module TEXT, payload TEXT NOT NULL, headers TEXT NOT NULL,
-             PRIMARY KEY (position, idx)) WITHOUT ROWID;",
-    )?;
-    Ok(conn)
-}
-
-fn insert_row(stmt: &mut rusqlite::CachedStatement<'_>, position: i64) -> Result<(), BoxError> {
-    let id = uuid::Uuid::now_v7();
-    let payload = json!({"caller": 1, "n": position}).to_string();
-    stmt.execute(rusqlite::params![
-        position,
-        0,
-        id.as_bytes(),
-        "bench.event",
-        None::<String>,
-        payload,
-        "{}"
-    ])?;
-    Ok(())
-}
-
-/// The storage limit: the message row shape written with plain rusqlite, same pragmas.
-fn raw_sqlite(args: &Args) -> Result<Vec<Line>, BoxError> {
-    let dir = workdir(args)?;
-    let mut conn = raw_conn(&dir)?;
-    let sql = "INSERT INTO messages (position, idx, id, event_type, module, payload, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-    let mut position = 0i64;
-    // One row per commit.
-    let secs = args.secs.min(Duration::from_secs(3));
-    let start = Instant::now();
-    let mut lat = Vec::new();
-    while start.elapsed() < secs {
-        let t = Instant::now();
-        let tx = conn.transaction()?;
-        position += 1;
-        insert_row(&mut tx.prepare_cached(sql)?, position)?;
-        tx.commit()?;
-        lat.push(t.elapsed().as_nanos() as u64);
-    }
-    let commit = Line::new("raw-sqlite-commit", lat.len() as u64, start.elapsed(), lat);
-    // 1000 rows per commit.
-    let start = Instant::now();
-    let mut lat = Vec::new();
-    let mut rows = 0u64;
-    while start.elapsed() < secs {
-        let t = Instant::now();
-        let tx = conn.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(sql)?;
-            for _ in 0..1000 {
-                position += 1;
-                insert_row(&mut stmt, position)?;
-            }
-        }
-        tx.commit()?;
-        rows += 1000;
-        lat.push(t.elapsed().as_nanos() as u64);
-    }
-    let batch =
-        Line::new("raw-sqlite-batch", rows, start.elapsed(), lat).with("rows_per_commit", 1000.0);
-    Ok(vec![commit, batch])
 }
 
 fn rss_mib(field: &str) -> f64 {
@@ -356,10 +347,10 @@ fn rss_mib(field: &str) -> f64 {
 
 /// Publishes `--pending` events with handlers paused and reports resident memory.
 async fn pending_memory(args: &Args) -> Result<Line, BoxError> {
-    let dir = workdir(args)?;
+    let target = Target::new(args).await?;
     // Reset the peak-RSS mark so that earlier scenarios of the same run do not count.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let bus = bus_with_noop(&dir, true).await?;
+    let bus = bus_with_noop(&target, true).await?;
     let total = args.pending;
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -388,5 +379,6 @@ async fn pending_memory(args: &Args) -> Result<Line, BoxError> {
         .with("rss_mib", rss_mib("VmRSS:"))
         .with("peak_rss_mib", rss_mib("VmHWM:"));
     bus.shutdown(Duration::from_secs(10)).await?;
+    target.cleanup().await?;
     Ok(line)
 }

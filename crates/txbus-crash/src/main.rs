@@ -5,6 +5,11 @@
 //! left, then shuts down cleanly. Handlers record every delivery they see in `DIR/seen.db`
 //! (a separate "business" database), counting repeats, so the test can check that nothing
 //! was lost and count duplicates.
+//!
+//! `txbus-crash pg-worker URL SCHEMA NAME` is a worker process on a shared PostgreSQL store
+//! (see `pg.rs`), for the multi-process tests.
+
+mod pg;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,7 +18,7 @@ use std::time::Duration;
 use serde_json::json;
 use txbus::{Backoff, Bus, Event, HandlerError, Message, On, SqliteStore};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Records deliveries durably in the business database.
 #[derive(Clone)]
@@ -150,15 +155,20 @@ fn main() -> Result<(), BoxError> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let mut args = std::env::args().skip(1);
-    let (mode, dir) = match (args.next(), args.next()) {
-        (Some(m), Some(d)) => (m, PathBuf::from(d)),
-        _ => return Err("usage: txbus-crash load|drain DIR".into()),
-    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let [mode, url, schema, name] = args.as_slice() {
+        if mode == "pg-worker" {
+            return rt.block_on(pg::worker(url.clone(), schema.clone(), name.clone()));
+        }
+    }
+    let (mode, dir) = match args.as_slice() {
+        [m, d] => (m.clone(), PathBuf::from(d)),
+        _ => return Err("usage: txbus-crash load|drain DIR | pg-worker URL SCHEMA NAME".into()),
+    };
     match mode.as_str() {
         "load" => rt.block_on(load(dir)),
         "drain" => rt.block_on(drain(dir)),

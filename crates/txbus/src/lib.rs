@@ -30,9 +30,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Features: `sqlite` (default) brings the embedded store, [`SqliteStore`].
+//! Features: `sqlite` (default) brings the embedded store, [`SqliteStore`]; `postgres` the
+//! scale-out store, `PostgresStore` (many bus processes on one database).
 
 pub use txbus_core::*;
 
 #[cfg(feature = "sqlite")]
 pub use txbus_sqlite::{Durability, SqliteOptions, SqliteStore};
+
+#[cfg(feature = "postgres")]
+pub use txbus_postgres::{PostgresOptions, PostgresStore};

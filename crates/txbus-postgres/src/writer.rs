@@ -1,0 +1,374 @@
+//! Group commit: writes go through one bounded queue to a few writer lanes; each lane takes
+//! every request waiting (up to a batch), commits them all in one transaction on its own
+//! connection, and answers each once the transaction is committed.
+//!
+//! Several lanes keep the database busy while one waits for its commit to be flushed. If a
+//! batch fails because of one request, each is run again alone so only that one fails. If the
+//! connection was lost before COMMIT was sent, nothing was written and the batch runs again on
+//! a new connection; if it was lost during COMMIT, the result is unknown and the callers are
+//! told so.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+use txbus_core::chain::Hash;
+use txbus_core::store::{AppendReceipt, Completion, CompletionEffect, Error, NewCommit, OwnerId};
+
+use crate::append::append_all;
+use crate::clock::now_ms;
+use crate::complete::complete_all;
+use crate::context::Shared;
+use crate::error::{db, is_conflict, is_connection_lost, shared};
+use crate::pg_uuid::PgUuid;
+use crate::prune::{self, Bounds, Step};
+
+/// A write to perform.
+pub(crate) enum Op {
+    /// A commit and its data hash (computed by the caller's task, not the lane's).
+    Append(NewCommit, Hash),
+    Complete(Vec<Completion>),
+    Heartbeat(OwnerId),
+    Release(OwnerId),
+    Replay(i64),
+    Prune(Bounds),
+}
+
+/// A write's result.
+pub(crate) enum Out {
+    Append(AppendReceipt),
+    Complete(Vec<CompletionEffect>),
+    Count(u64),
+    Flag(bool),
+    Prune(Step),
+    Unit,
+}
+
+pub(crate) struct Request {
+    pub(crate) op: Op,
+    pub(crate) reply: oneshot::Sender<Result<Out, Error>>,
+}
+
+impl Op {
+    /// Roughly how many rows the request writes.
+    fn rows(&self) -> usize {
+        match self {
+            Op::Append(c, _) => 1 + c.messages.len() + c.deliveries.len(),
+            Op::Complete(c) => c.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// A lane stops adding requests to a batch past this many rows, so that a few huge commits do
+/// not make one huge transaction.
+const MAX_ROWS: usize = 50_000;
+
+/// Times a batch that met a deadlock runs again before it is split.
+const CONFLICT_RETRIES: u32 = 3;
+/// Times a batch runs again on a new connection after losing one before COMMIT.
+const RECONNECTS: u32 = 1;
+
+/// Starts `lanes` writer lanes on one queue.
+pub(crate) fn spawn(
+    shared: &Arc<Shared>,
+    rx: mpsc::Receiver<Request>,
+    lanes: usize,
+    max_batch: usize,
+) -> Vec<JoinHandle<()>> {
+    let rx = Arc::new(Mutex::new(rx));
+    (0..lanes.max(1))
+        .map(|_| tokio::spawn(lane(Arc::clone(shared), Arc::clone(&rx), max_batch.max(1))))
+        .collect()
+}
+
+/// Serves batches until the queue is closed and empty.
+async fn lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Request>>>, max_batch: usize) {
+    let mut conn: Option<PgConnection> = None;
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                break;
+            };
+            let mut rows = first.op.rows();
+            let mut batch = Vec::with_capacity(max_batch.min(64));
+            batch.push(first);
+            while batch.len() < max_batch && rows < MAX_ROWS {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        rows += r.op.rows();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        process(&shared, &mut conn, batch).await;
+    }
+    if let Some(conn) = conn.take() {
+        let _ = conn.close().await;
+    }
+}
+
+/// Why a transaction did not commit.
+struct Failed {
+    error: Error,
+    /// The connection was lost during COMMIT: the batch may or may not be written.
+    unknown: bool,
+}
+
+impl Failed {
+    fn before_commit(error: Error) -> Self {
+        Self {
+            error,
+            unknown: false,
+        }
+    }
+
+    /// True when one request's statement failed: running each alone isolates it.
+    fn splittable(&self) -> bool {
+        !self.unknown && !is_connection_lost(&self.error)
+    }
+}
+
+async fn process(shared: &Shared, conn: &mut Option<PgConnection>, batch: Vec<Request>) {
+    match attempt(shared, conn, &batch).await {
+        Ok(outs) => reply(batch, outs),
+        Err(failed) if batch.len() > 1 && failed.splittable() => {
+            tracing::debug!(error = %failed.error, size = batch.len(),
+                "batch failed; retrying its requests one by one");
+            for req in batch {
+                let one = vec![req];
+                match attempt(shared, conn, &one).await {
+                    Ok(outs) => reply(one, outs),
+                    Err(failed) => fail(one, &failed),
+                }
+            }
+        }
+        Err(failed) => fail(batch, &failed),
+    }
+}
+
+fn reply(batch: Vec<Request>, outs: Vec<Out>) {
+    for (req, out) in batch.into_iter().zip(outs) {
+        let _ = req.reply.send(Ok(out));
+    }
+}
+
+fn fail(batch: Vec<Request>, failed: &Failed) {
+    if failed.unknown {
+        tracing::warn!(error = %failed.error, size = batch.len(),
+            "the connection was lost while committing; the batch may or may not be written");
+    }
+    for req in batch {
+        let _ = req.reply.send(Err(shared(&failed.error)));
+    }
+}
+
+/// Runs the batch in one transaction, again after a deadlock or on a new connection when the
+/// old one was lost before anything was committed.
+async fn attempt(
+    shared: &Shared,
+    conn: &mut Option<PgConnection>,
+    batch: &[Request],
+) -> Result<Vec<Out>, Failed> {
+    let mut conflicts = 0;
+    let mut reconnects = 0;
+    loop {
+        let failed = match transaction(shared, conn, batch).await {
+            Ok(outs) => {
+                if batch.iter().any(|r| matches!(r.op, Op::Append(..))) {
+                    shared.seal_wake.notify_one();
+                }
+                return Ok(outs);
+            }
+            Err(failed) => failed,
+        };
+        if is_connection_lost(&failed.error) {
+            // A connection that failed once is not trusted again.
+            *conn = None;
+            if !failed.unknown && reconnects < RECONNECTS {
+                reconnects += 1;
+                tracing::info!(error = %failed.error, "a writer lane lost its connection; running the batch again on a new one");
+                continue;
+            }
+        } else if is_conflict(&failed.error) && conflicts < CONFLICT_RETRIES {
+            conflicts += 1;
+            tokio::time::sleep(Duration::from_millis(conflict_pause_ms(conflicts))).await;
+            continue;
+        }
+        return Err(failed);
+    }
+}
+
+/// A short, growing, jittered pause so that transactions that deadlocked do not meet again.
+fn conflict_pause_ms(round: u32) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    u64::from(round) * 5 + u64::from(nanos % 10)
+}
+
+async fn transaction(
+    shared: &Shared,
+    conn: &mut Option<PgConnection>,
+    batch: &[Request],
+) -> Result<Vec<Out>, Failed> {
+    if conn.is_none() {
+        *conn = Some(shared.dedicated().await.map_err(Failed::before_commit)?);
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err(Failed::before_commit(Error::Closed));
+    };
+    let mut tx = c
+        .begin()
+        .await
+        .map_err(db("starting a write transaction"))
+        .map_err(Failed::before_commit)?;
+    let outs = match apply(&mut tx, shared, batch, now_ms()).await {
+        Ok(outs) => outs,
+        Err(e) => {
+            if !is_connection_lost(&e) {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(error = %rollback, "rolling back a failed batch failed");
+                }
+            }
+            return Err(Failed::before_commit(e));
+        }
+    };
+    match tx.commit().await.map_err(db("committing")) {
+        Ok(()) => Ok(outs),
+        Err(error) => Err(Failed {
+            unknown: is_connection_lost(&error),
+            error,
+        }),
+    }
+}
+
+/// Applies the batch in the open transaction: appends (which announce their work themselves),
+/// then completions, heartbeats, releases, replays and pruning, then the notifications of what
+/// they did.
+async fn apply(
+    conn: &mut PgConnection,
+    shared: &Shared,
+    batch: &[Request],
+    now: i64,
+) -> Result<Vec<Out>, Error> {
+    let schema = &shared.schema;
+    let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
+    let mut work = false;
+    let mut finished: Vec<String> = Vec::new();
+
+    let (at, commits): (Vec<usize>, Vec<(&NewCommit, &Hash)>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.op {
+            Op::Append(c, hash) => Some((i, (c, hash))),
+            _ => None,
+        })
+        .unzip();
+    if !commits.is_empty() {
+        let receipts = append_all(conn, schema, &commits, now).await?;
+        for (i, receipt) in at.into_iter().zip(receipts) {
+            if let Some(outcome) = &receipt.finished {
+                finished.push(outcome.operation_id.to_string());
+            }
+            outs[i] = Some(Out::Append(receipt));
+        }
+    }
+
+    let (at, lists): (Vec<usize>, Vec<&[Completion]>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.op {
+            Op::Complete(c) => Some((i, c.as_slice())),
+            _ => None,
+        })
+        .unzip();
+    if !lists.is_empty() {
+        let done = complete_all(conn, schema, &lists, now).await?;
+        finished.extend(done.finished.iter().map(|op| op.to_string()));
+        for (i, effects) in at.into_iter().zip(done.effects) {
+            outs[i] = Some(Out::Complete(effects));
+        }
+    }
+
+    let mut owners: Vec<PgUuid> = Vec::new();
+    for (i, r) in batch.iter().enumerate() {
+        if let Op::Heartbeat(owner) = &r.op {
+            owners.push(PgUuid(*owner));
+            outs[i] = Some(Out::Unit);
+        }
+    }
+    if !owners.is_empty() {
+        // One row per owner, in key order: an upsert may not touch a row twice, and a fixed
+        // order keeps concurrent batches from deadlocking.
+        owners.sort_unstable();
+        owners.dedup();
+        sqlx::query(&schema.sql(
+            "INSERT INTO {s}.owners (owner, heartbeat_at)
+             SELECT o, $2 FROM UNNEST($1::UUID[]) AS o
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        ))
+        .bind(&owners)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("recording heartbeats"))?;
+    }
+
+    for (i, r) in batch.iter().enumerate() {
+        let out = match &r.op {
+            Op::Release(owner) => {
+                let n = sqlx::query(&schema.sql(
+                    "UPDATE {s}.deliveries SET status = 0, owner = NULL, updated_at = $2
+                     WHERE status = 1 AND owner = $1",
+                ))
+                .bind(PgUuid(*owner))
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("releasing leases"))?
+                .rows_affected();
+                sqlx::query(&schema.sql("DELETE FROM {s}.owners WHERE owner = $1"))
+                    .bind(PgUuid(*owner))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db("forgetting an owner"))?;
+                work |= n > 0;
+                Out::Count(n)
+            }
+            Op::Replay(id) => {
+                let n = sqlx::query(&schema.sql(
+                    "UPDATE {s}.deliveries SET status = 0, attempts = 0, owner = NULL,
+                         next_at = $2, last_error = NULL, updated_at = $2
+                     WHERE id = $1 AND status = 4",
+                ))
+                .bind(*id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("replaying a dead letter"))?
+                .rows_affected();
+                work |= n == 1;
+                Out::Flag(n == 1)
+            }
+            Op::Prune(bounds) => Out::Prune(prune::step(conn, schema, bounds).await?),
+            Op::Append(..) | Op::Complete(_) | Op::Heartbeat(_) => continue,
+        };
+        outs[i] = Some(out);
+    }
+
+    if work {
+        crate::notify::work(conn, schema).await?;
+    }
+    crate::notify::finished(conn, schema, &finished).await?;
+    outs.into_iter()
+        .map(|o| o.ok_or_else(|| Error::Corrupt("a write request was not answered".into())))
+        .collect()
+}
