@@ -48,6 +48,7 @@ pub mod policy;
 pub mod retention;
 pub mod schema;
 pub mod store;
+pub mod time;
 
 pub use bus::{Bus, BusBuilder};
 pub use chain::{Broken, VerifyReport};

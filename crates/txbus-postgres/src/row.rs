@@ -3,7 +3,7 @@
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 use txbus_core::store::{CommitKind, Error};
-use txbus_core::{Headers, MessageId, StoredMessage};
+use txbus_core::{MessageId, StoredMessage};
 
 use crate::pg_uuid::PgUuid;
 
@@ -30,35 +30,24 @@ impl MessageRow {
 
     /// The stored message; an error says why the stored text does not parse.
     pub(crate) fn parse(self) -> Result<StoredMessage, String> {
-        let payload = serde_json::from_str(&self.payload)
-            .map_err(|e| format!("stored payload is not JSON: {e}"))?;
-        let headers: Headers = serde_json::from_str(&self.headers)
-            .map_err(|e| format!("stored headers are not valid: {e}"))?;
-        Ok(StoredMessage {
-            id: MessageId(self.id.0),
-            event_type: self.event_type,
-            module: self.module,
-            payload,
-            payload_json: self.payload,
-            headers,
-            headers_json: self.headers,
-        })
+        StoredMessage::from_stored(
+            MessageId(self.id.0),
+            self.event_type,
+            self.module,
+            self.payload,
+            self.headers,
+        )
     }
 
-    /// The stored message with its text kept exactly as stored even when it does not parse,
-    /// so that the hash check sees what is in the database.
+    /// The stored message with its text kept exactly as stored, for the hash check.
     pub(crate) fn raw(self) -> StoredMessage {
-        let payload = serde_json::from_str(&self.payload).unwrap_or(serde_json::Value::Null);
-        let headers = serde_json::from_str(&self.headers).unwrap_or_default();
-        StoredMessage {
-            id: MessageId(self.id.0),
-            event_type: self.event_type,
-            module: self.module,
-            payload,
-            payload_json: self.payload,
-            headers,
-            headers_json: self.headers,
-        }
+        StoredMessage::from_stored_lossy(
+            MessageId(self.id.0),
+            self.event_type,
+            self.module,
+            self.payload,
+            self.headers,
+        )
     }
 }
 

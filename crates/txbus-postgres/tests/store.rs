@@ -15,71 +15,7 @@ use txbus_core::store::{
 
 use common::{commit, open, raw, wait_sealed, TestSchema};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_ack_from_a_superseded_lease_counts_for_nothing() {
-    let schema = TestSchema::new();
-    let store = open(&schema.name).await;
-    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-    let ttl = Duration::from_millis(50);
-    store.heartbeat(a).await.unwrap();
-    store.heartbeat(b).await.unwrap();
-    let receipt = store.append(commit(1, Some(a))).await.unwrap();
-    assert!(receipt.chain_hash.is_none(), "sealed later, not at append");
-    let id = receipt.delivery_ids[0];
-
-    // While A is alive, B cannot take its lease.
-    let handlers = vec!["h".to_owned()];
-    assert!(store
-        .claim(b, &handlers, 10, Duration::from_secs(60))
-        .await
-        .unwrap()
-        .is_empty());
-
-    // A stops sending heartbeats; after the ttl B takes the lease over with a higher fence.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let taken = loop {
-        store.heartbeat(b).await.unwrap();
-        let got = store.claim(b, &handlers, 10, ttl).await.unwrap();
-        if !got.is_empty() {
-            break got;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "B never took the lease over"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(taken.len(), 1);
-    assert_eq!(taken[0].id, id);
-    assert_eq!(taken[0].fence, 2);
-    assert_eq!(taken[0].commit_id, receipt.commit_id);
-
-    // A's late ack (fence 1) is refused and changes nothing; B's ack counts.
-    let ack = |fence| Completion {
-        delivery_id: id,
-        fence,
-        commit_id: receipt.commit_id,
-        attempts: 1,
-        result: DeliveryResult::Succeeded,
-    };
-    assert_eq!(
-        store.complete(vec![ack(1)]).await.unwrap(),
-        vec![CompletionEffect::Stale]
-    );
-    let stats = store.stats().await.unwrap();
-    assert_eq!(stats.deliveries.leased, 1);
-    assert_eq!(stats.pending_operations, 1);
-    match store.complete(vec![ack(2)]).await.unwrap().as_slice() {
-        [CompletionEffect::Applied(Some(outcome))] => assert!(outcome.is_ok()),
-        other => panic!("unexpected {other:?}"),
-    }
-    // A repeat of the same ack is stale too: the delivery is no longer leased.
-    assert_eq!(
-        store.complete(vec![ack(2)]).await.unwrap(),
-        vec![CompletionEffect::Stale]
-    );
-    store.close().await.unwrap();
-}
+// Fencing (a late ack from a superseded lease) is a case of the conformance suite.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_of_a_stopped_process_are_taken_over() {

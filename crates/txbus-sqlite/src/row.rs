@@ -2,7 +2,7 @@
 
 use rusqlite::Row;
 use txbus_core::store::Error;
-use txbus_core::{Headers, MessageId, OperationId, StoredMessage};
+use txbus_core::{MessageId, OperationId, StoredMessage};
 
 /// The columns of one `messages` row: id, event_type, module, payload, headers (in that order,
 /// starting at the given column).
@@ -28,35 +28,19 @@ impl MessageRow {
     /// The stored message; an error says why the stored text does not parse.
     pub(crate) fn parse(self) -> Result<StoredMessage, String> {
         let id = message_id(&self.id).map_err(|e| e.to_string())?;
-        let payload = serde_json::from_str(&self.payload)
-            .map_err(|e| format!("stored payload is not JSON: {e}"))?;
-        let headers: Headers = serde_json::from_str(&self.headers)
-            .map_err(|e| format!("stored headers are not valid: {e}"))?;
-        Ok(StoredMessage {
-            id,
-            event_type: self.event_type,
-            module: self.module,
-            payload,
-            payload_json: self.payload,
-            headers,
-            headers_json: self.headers,
-        })
+        StoredMessage::from_stored(id, self.event_type, self.module, self.payload, self.headers)
     }
 
-    /// The stored message with its text kept exactly as stored even when it does not parse,
-    /// so that the hash check sees what is on disk.
+    /// The stored message with its text kept exactly as stored, for the hash check.
     pub(crate) fn raw(self) -> Result<StoredMessage, Error> {
-        let payload = serde_json::from_str(&self.payload).unwrap_or(serde_json::Value::Null);
-        let headers = serde_json::from_str(&self.headers).unwrap_or_default();
-        Ok(StoredMessage {
-            id: message_id(&self.id)?,
-            event_type: self.event_type,
-            module: self.module,
-            payload,
-            payload_json: self.payload,
-            headers,
-            headers_json: self.headers,
-        })
+        let id = message_id(&self.id)?;
+        Ok(StoredMessage::from_stored_lossy(
+            id,
+            self.event_type,
+            self.module,
+            self.payload,
+            self.headers,
+        ))
     }
 }
 

@@ -76,16 +76,7 @@ pub(crate) struct Writer {
     last_abandoned_scan: Option<Instant>,
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-pub(crate) fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
+pub(crate) use txbus_core::time::{millis as ms, now_ms};
 
 impl Writer {
     pub(crate) fn new(conn: Connection, max_batch: usize) -> Result<Self, Error> {
