@@ -325,3 +325,101 @@ async fn pg_restart_under_load_every_bus_reconnects_and_nothing_is_lost() {
     drop((w1, w2));
     drop_schema(&pool, &schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_s_late_acks_are_discarded_after_its_leases_were_taken_over() {
+    let (schema, pool) = schema().await;
+    let env = [
+        ("TXBUS_WORK_MS", "200"),
+        ("TXBUS_LEASE_TTL_MS", "1000"),
+        ("RUST_LOG", "txbus_core=warn"),
+    ];
+    let mut victim = {
+        let mut cmd = Command::new(CHILD);
+        cmd.arg("pg-worker").arg(url()).arg(&schema).arg("victim");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut ready = BufReader::new(victim.stdout.take().unwrap()).lines();
+    assert_eq!(ready.next_line().await.unwrap().as_deref(), Some("ready"));
+    let survivor = worker(&schema, "survivor", &env[..2]).await;
+    let bus = origin(&schema, Duration::from_millis(500)).await;
+    let ops = load(&bus, 100, 10).await;
+
+    // Freeze the victim mid-handler (its handlers take 200 ms), so it holds leases it cannot
+    // renew; the survivor takes them over once its heartbeat is older than the ttl.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handled(&pool, &schema)
+        .await
+        .2
+        .get("victim")
+        .copied()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the victim took no work");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = victim.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for (id, _) in &ops {
+        let outcome = tokio::time::timeout(Duration::from_secs(120), bus.wait(*id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
+    // Wake it: the attempts it was running finish now, and their acks must count for nothing.
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut log = BufReader::new(victim.stderr.take().unwrap()).lines();
+    let discarded = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("this attempt's result was discarded") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        discarded,
+        "the victim's late ack was not reported as discarded"
+    );
+
+    // Every operation succeeded exactly once in the store: no delivery left open, none counted twice.
+    let open: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM \"{schema}\".deliveries WHERE status IN (0, 1)"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0);
+    let remaining: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM \"{schema}\".commits WHERE op_status <> 1 OR op_remaining <> 0"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(remaining, 0, "an operation was counted wrong");
+    let (messages, duplicates, per_worker) = handled(&pool, &schema).await;
+    assert_eq!(messages, ops.len());
+    println!("paused worker: {per_worker:?}, {duplicates} handled twice, late acks discarded");
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop((victim, survivor));
+    drop_schema(&pool, &schema).await;
+}
