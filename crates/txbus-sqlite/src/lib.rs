@@ -368,3 +368,28 @@ impl Drop for Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synchronous(durability: Durability) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("d.db")).unwrap();
+        configure(
+            &conn,
+            &SqliteOptions::new(dir.path().join("d.db")).durability(durability),
+        )
+        .unwrap();
+        conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn durability_sets_how_commits_reach_the_disk() {
+        // 2 = FULL: an fsync per commit (the default); 1 = NORMAL: at checkpoints only.
+        assert_eq!(synchronous(Durability::default()), 2);
+        assert_eq!(synchronous(Durability::Full), 2);
+        assert_eq!(synchronous(Durability::Relaxed), 1);
+    }
+}
