@@ -19,6 +19,8 @@ pub(crate) struct Shared {
     pub(crate) connect_timeout: Duration,
     /// When this store last looked for leases of stopped buses, ms since the epoch.
     pub(crate) last_abandoned_scan: AtomicI64,
+    /// How long a session may stall before the server ends it (see `PostgresOptions`).
+    pub(crate) stall_timeout: Duration,
 }
 
 impl Shared {

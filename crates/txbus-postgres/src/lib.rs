@@ -86,6 +86,7 @@ pub struct PostgresOptions {
     writer_lanes: usize,
     max_batch: usize,
     queue_capacity: usize,
+    stall_timeout: Duration,
 }
 
 // By hand, so that the URL (and any password in it) stays out of logs.
@@ -99,6 +100,7 @@ impl std::fmt::Debug for PostgresOptions {
             .field("writer_lanes", &self.writer_lanes)
             .field("max_batch", &self.max_batch)
             .field("queue_capacity", &self.queue_capacity)
+            .field("stall_timeout", &self.stall_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +117,7 @@ impl PostgresOptions {
             writer_lanes: 4,
             max_batch: 1024,
             queue_capacity: 8192,
+            stall_timeout: Duration::from_secs(10),
         }
     }
 
@@ -161,6 +164,16 @@ impl PostgresOptions {
     /// Requests waiting for a writer lane at most; callers beyond it wait (default 8192).
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = n.max(1);
+        self
+    }
+
+    /// How long a session of this store may stall inside a transaction, or (the sealer's)
+    /// idle, before the server ends it (default 10 s). A process that is frozen rather than
+    /// dead (stopped, swapped out, stuck) would otherwise keep its row locks and the sealer's
+    /// lock for ever, and every other process would wait on them. The store's own
+    /// transactions last milliseconds; keep this well above that and below the lease ttl.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout.max(Duration::from_secs(1));
         self
     }
 
@@ -229,7 +242,11 @@ impl PostgresStore {
         // Statements are prepared once per connection, and a generic plan made while a table is
         // small (a sequential scan) would stay long after it has grown: plan each execution for
         // the table and the batch at hand.
-        let connect = connect.options([("plan_cache_mode", "force_custom_plan")]);
+        let stall = format!("{}ms", options.stall_timeout.as_millis());
+        let connect = connect.options([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("idle_in_transaction_session_timeout", stall.as_str()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .min_connections(options.min_connections.min(options.max_connections))
@@ -246,6 +263,7 @@ impl PostgresStore {
             schema,
             seal_wake: Notify::new(),
             connect_timeout: options.acquire_timeout,
+            stall_timeout: options.stall_timeout,
             last_abandoned_scan: AtomicI64::new(0),
         });
         let (tx, rx) = mpsc::channel(options.queue_capacity);

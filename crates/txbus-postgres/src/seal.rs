@@ -78,6 +78,15 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     let schema = &shared.schema;
+    // A sealer that is frozen rather than dead would keep the lock for ever: the server ends
+    // its session once it has been idle this long (an active sealer is never idle for long).
+    let idle = format!(
+        "SET idle_session_timeout = '{}ms'",
+        shared.stall_timeout.as_millis()
+    );
+    if let Err(e) = sqlx::query(&idle).execute(&mut conn).await {
+        return Ended::Lost(db("limiting the sealer's idle time")(e));
+    }
     loop {
         let got: Result<bool, Error> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(schema.seal_key)
