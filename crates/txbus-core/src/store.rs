@@ -338,6 +338,58 @@ pub enum Notification {
 /// A stream of notifications.
 pub type Notifications = futures_util::stream::BoxStream<'static, Notification>;
 
+/// How every store numbers an operation's state in its rows.
+pub mod op_status {
+    /// Deliveries remain.
+    pub const PENDING: i64 = 0;
+    /// Every delivery succeeded.
+    pub const SUCCEEDED: i64 = 1;
+    /// A delivery failed for good; the failure is stored as JSON.
+    pub const FAILED: i64 = 2;
+    /// Finished, and the outcome was removed by retention.
+    pub const PRUNED: i64 = 3;
+}
+
+/// Rebuilds an operation's state from its stored columns (see [`op_status`]): `None` when the
+/// outcome was pruned; an error when the row holds what no store writes.
+pub fn operation_state(
+    id: OperationId,
+    status: i64,
+    remaining: i64,
+    failure_json: Option<&str>,
+    finished_at_ms: Option<i64>,
+) -> Result<Option<OperationState>, Error> {
+    let finished_at_ms = finished_at_ms.unwrap_or(0);
+    Ok(match status {
+        op_status::PENDING => Some(OperationState::Pending {
+            operation_id: id,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+        }),
+        op_status::SUCCEEDED => Some(OperationState::Finished(Outcome {
+            operation_id: id,
+            error: None,
+            finished_at_ms,
+        })),
+        op_status::FAILED => {
+            let failure: Failure =
+                serde_json::from_str(failure_json.unwrap_or_default()).map_err(|e| {
+                    Error::Corrupt(format!("operation {id}: stored failure is unreadable: {e}"))
+                })?;
+            Some(OperationState::Finished(Outcome {
+                operation_id: id,
+                error: Some(failure),
+                finished_at_ms,
+            }))
+        }
+        op_status::PRUNED => None,
+        other => {
+            return Err(Error::Corrupt(format!(
+                "operation {id}: unknown status {other}"
+            )))
+        }
+    })
+}
+
 /// The store contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

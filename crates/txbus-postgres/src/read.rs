@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use txbus_core::chain::Hash;
+use txbus_core::store::operation_state;
 use txbus_core::store::{CommitRecord, DeadLetter, DeadLetterQuery, DeliveryCounts, Error, Stats};
-use txbus_core::{Failure, OperationId, OperationState, Outcome, StoredMessage};
+use txbus_core::{OperationId, OperationState, StoredMessage};
 
 use crate::error::db;
 use crate::pg_uuid::PgUuid;
 use crate::row::{kind, signed, small, unsigned, MessageRow};
-use crate::schema::{op_status, status, Schema};
+use crate::schema::{status, Schema};
 
 pub(crate) async fn operation(
     pool: &PgPool,
@@ -29,35 +30,13 @@ pub(crate) async fn operation(
     let Some((st, remaining, error, finished_at)) = row else {
         return Ok(None);
     };
-    let finished_at_ms = finished_at.unwrap_or(0);
-    Ok(match st {
-        op_status::PENDING => Some(OperationState::Pending {
-            operation_id: id,
-            remaining: small(remaining),
-        }),
-        op_status::SUCCEEDED => Some(OperationState::Finished(Outcome {
-            operation_id: id,
-            error: None,
-            finished_at_ms,
-        })),
-        op_status::FAILED => {
-            let text = error.unwrap_or_default();
-            let failure: Failure = serde_json::from_str(&text).map_err(|e| {
-                Error::Corrupt(format!("operation {id}: stored failure is unreadable: {e}"))
-            })?;
-            Some(OperationState::Finished(Outcome {
-                operation_id: id,
-                error: Some(failure),
-                finished_at_ms,
-            }))
-        }
-        op_status::PRUNED => None,
-        other => {
-            return Err(Error::Corrupt(format!(
-                "operation {id}: unknown status {other}"
-            )))
-        }
-    })
+    operation_state(
+        id,
+        i64::from(st),
+        i64::from(remaining),
+        error.as_deref(),
+        finished_at,
+    )
 }
 
 fn dead_letter(r: &PgRow) -> Result<DeadLetter, sqlx::Error> {

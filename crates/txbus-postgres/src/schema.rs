@@ -15,13 +15,14 @@ pub(crate) mod status {
     pub const DEAD: i16 = 4;
 }
 
-/// Operation statuses as stored in `commits.op_status`.
+/// Operation statuses as stored in `commits.op_status`: the numbering every store shares,
+/// as this schema's SMALLINT.
 pub(crate) mod op_status {
-    pub const PENDING: i16 = 0;
-    pub const SUCCEEDED: i16 = 1;
-    pub const FAILED: i16 = 2;
-    /// The outcome was removed by retention.
-    pub const PRUNED: i16 = 3;
+    use txbus_core::store::op_status as shared;
+    #[allow(clippy::cast_possible_truncation)]
+    pub const PENDING: i16 = shared::PENDING as i16;
+    #[allow(clippy::cast_possible_truncation)]
+    pub const SUCCEEDED: i16 = shared::SUCCEEDED as i16;
 }
 
 /// PostgreSQL's limit on identifier length (NAMEDATALEN - 1).

@@ -2,14 +2,15 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use txbus_core::chain::Hash;
+use txbus_core::store::operation_state;
 use txbus_core::store::{
     CommitKind, CommitRecord, DeadLetter, DeadLetterQuery, DeliveryCounts, Error, Stats,
 };
-use txbus_core::{Failure, OperationId, OperationState, Outcome};
+use txbus_core::{OperationId, OperationState};
 
 use crate::error::sql;
 use crate::row::{op_id, MessageRow};
-use crate::schema::{op_status, status};
+use crate::schema::status;
 
 pub(crate) fn operation(c: &Connection, id: OperationId) -> Result<Option<OperationState>, Error> {
     let row: Option<(i64, i64, Option<String>, Option<i64>)> = c
@@ -22,35 +23,7 @@ pub(crate) fn operation(c: &Connection, id: OperationId) -> Result<Option<Operat
     let Some((st, remaining, error, finished_at)) = row else {
         return Ok(None);
     };
-    let finished_at_ms = finished_at.unwrap_or(0);
-    Ok(match st {
-        op_status::PENDING => Some(OperationState::Pending {
-            operation_id: id,
-            remaining: u32::try_from(remaining).unwrap_or(0),
-        }),
-        op_status::SUCCEEDED => Some(OperationState::Finished(Outcome {
-            operation_id: id,
-            error: None,
-            finished_at_ms,
-        })),
-        op_status::FAILED => {
-            let text = error.unwrap_or_default();
-            let failure: Failure = serde_json::from_str(&text).map_err(|e| {
-                Error::Corrupt(format!("operation {id}: stored failure is unreadable: {e}"))
-            })?;
-            Some(OperationState::Finished(Outcome {
-                operation_id: id,
-                error: Some(failure),
-                finished_at_ms,
-            }))
-        }
-        op_status::PRUNED => None,
-        other => {
-            return Err(Error::Corrupt(format!(
-                "operation {id}: unknown status {other}"
-            )))
-        }
-    })
+    operation_state(id, st, remaining, error.as_deref(), finished_at)
 }
 
 struct DeadRow {

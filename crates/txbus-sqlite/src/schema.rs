@@ -14,14 +14,8 @@ pub(crate) mod status {
     pub const DEAD: i64 = 4;
 }
 
-/// Operation statuses as stored in `commits.op_status`.
-pub(crate) mod op_status {
-    pub const PENDING: i64 = 0;
-    pub const SUCCEEDED: i64 = 1;
-    pub const FAILED: i64 = 2;
-    /// The outcome was removed by retention.
-    pub const PRUNED: i64 = 3;
-}
+/// Operation statuses as stored in `commits.op_status`: the numbering every store shares.
+pub(crate) use txbus_core::store::op_status;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"
