@@ -169,6 +169,7 @@ pub struct BusBuilder {
     poll_interval: Duration,
     max_concurrency: usize,
     start_paused: bool,
+    max_interruptions: u32,
 }
 
 impl Default for BusBuilder {
@@ -186,6 +187,7 @@ impl Default for BusBuilder {
             poll_interval: Duration::from_secs(1),
             max_concurrency: 1024,
             start_paused: false,
+            max_interruptions: 10,
         }
     }
 }
@@ -273,6 +275,16 @@ impl BusBuilder {
     /// How often the store is checked for work not handed over directly (default 1 s).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// How many times a delivery may be interrupted — the bus holding it stopped (crashed,
+    /// was killed) and another took its lease over — before it is dead-lettered without being
+    /// run again (default 10). An attempt cut short by the death of its process is never
+    /// recorded, so without this bound a message that brings its process down would run, and
+    /// bring it down, after every restart.
+    pub fn max_interruptions(mut self, n: u32) -> Self {
+        self.max_interruptions = n;
         self
     }
 
@@ -368,6 +380,7 @@ impl BusBuilder {
             retention: self.retention,
             max_concurrency: self.max_concurrency,
             start_paused: self.start_paused,
+            max_interruptions: self.max_interruptions,
         };
         let engine = Engine::start(store, handlers, settings).await?;
         Ok(Bus { engine })

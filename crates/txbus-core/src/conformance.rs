@@ -862,6 +862,78 @@ pub async fn the_log_reads_back_in_order_and_verifies(h: &dyn Harness) {
     store.close().await.unwrap();
 }
 
+/// A delivery whose bus keeps stopping while holding it (a message that brings its process
+/// down) is dead-lettered once the interruptions pass the bound, without running again.
+pub async fn a_delivery_interrupted_too_often_is_dead_lettered_without_running(h: &dyn Harness) {
+    let (key, store) = h.create().await;
+    let ttl = Duration::from_millis(50);
+    let handlers = vec!["h".to_owned()];
+    let first = uuid::Uuid::now_v7();
+    store.heartbeat(first).await.unwrap();
+    let commit = one_message_commit(1, Some(first));
+    let operation = commit.operation_id;
+    store.append(commit).await.unwrap();
+    // Two more holders take it over in turn, each then stopping with the lease.
+    for n in 1..=2u32 {
+        let next = uuid::Uuid::now_v7();
+        let taken = within(async {
+            loop {
+                store.heartbeat(next).await.unwrap();
+                let got = store.claim(next, &handlers, 10, ttl).await.unwrap();
+                if !got.is_empty() {
+                    break got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(taken[0].interruptions, n);
+    }
+    store.close().await.unwrap();
+
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    let bus = builder(h.reopen(&key).await)
+        .lease_ttl(ttl)
+        .max_interruptions(2)
+        .handler("h", On::all(), move |_m: Message| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let failure = within(bus.wait(operation))
+        .await
+        .unwrap()
+        .error
+        .expect("it must fail");
+    assert_eq!(failure.kind, FailureKind::Interrupted);
+    assert_eq!(failure.handler, "h");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        0,
+        "the handler must not run again"
+    );
+    let dead = bus
+        .dead_letters(DeadLetterQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].error.contains("stopped 3 times"),
+        "{}",
+        dead[0].error
+    );
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// Generates one `#[tokio::test]` per case of the suite, each with a harness made by `$harness`.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -966,6 +1038,12 @@ macro_rules! conformance_tests {
         async fn a_late_ack_from_a_superseded_lease_counts_for_nothing() {
             let harness = $harness;
             $crate::conformance::a_late_ack_from_a_superseded_lease_counts_for_nothing(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_delivery_interrupted_too_often_is_dead_lettered_without_running() {
+            let harness = $harness;
+            $crate::conformance::a_delivery_interrupted_too_often_is_dead_lettered_without_running(&harness).await;
             $crate::conformance::Harness::cleanup(&harness).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

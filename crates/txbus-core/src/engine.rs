@@ -60,6 +60,7 @@ pub(crate) struct Settings {
     pub(crate) retention: Retention,
     pub(crate) max_concurrency: usize,
     pub(crate) start_paused: bool,
+    pub(crate) max_interruptions: u32,
 }
 
 /// One delivery held in memory, with the slot it occupies.
@@ -67,6 +68,7 @@ struct Job {
     id: i64,
     fence: i64,
     attempts: u32,
+    interruptions: u32,
     commit_id: u64,
     operation_id: OperationId,
     index: u32,
@@ -365,6 +367,7 @@ impl Engine {
                         id,
                         fence: 1,
                         attempts: 0,
+                        interruptions: 0,
                         commit_id: receipt.commit_id,
                         operation_id,
                         index,
@@ -499,22 +502,21 @@ impl Engine {
                 delivery_id: job.id,
             },
         );
-        let call = AssertUnwindSafe(entry.handler.call(message)).catch_unwind();
-        let ran = tokio::time::timeout(entry.policy.timeout, call).await;
-        drop(permits);
-        let transient = match ran {
-            Ok(Ok(Ok(()))) => None,
-            Ok(Ok(Err(crate::HandlerError::Reject(reason)))) => {
-                Some((FailureKind::Rejected, reason))
-            }
-            Ok(Ok(Err(crate::HandlerError::Transient(reason)))) => {
-                Some((FailureKind::RetriesExhausted, reason))
-            }
-            Ok(Err(panic)) => Some((FailureKind::Panicked, panic_message(panic.as_ref()))),
-            Err(_) => Some((
-                FailureKind::TimedOut,
-                format!("timed out after {:?}", entry.policy.timeout),
-            )),
+        let transient = if job.interruptions > self.settings.max_interruptions {
+            // Its process went down while holding it, again and again: do not run it once more.
+            drop(permits);
+            Some((
+                FailureKind::Interrupted,
+                format!(
+                    "the bus running it stopped {} times while holding it (limit {}); it may bring its process down",
+                    job.interruptions, self.settings.max_interruptions
+                ),
+            ))
+        } else {
+            let call = AssertUnwindSafe(entry.handler.call(message)).catch_unwind();
+            let ran = tokio::time::timeout(entry.policy.timeout, call).await;
+            drop(permits);
+            Self::classify(ran, entry.policy.timeout)
         };
         let mut retry_in = None;
         let (result, progress) = match transient {
@@ -527,7 +529,10 @@ impl Engine {
                 },
             ),
             Some((kind, reason))
-                if kind != FailureKind::Rejected && attempt <= entry.policy.max_retries =>
+                if matches!(
+                    kind,
+                    FailureKind::RetriesExhausted | FailureKind::TimedOut | FailureKind::Panicked
+                ) && attempt <= entry.policy.max_retries =>
             {
                 let delay = entry.policy.backoff.delay(attempt);
                 retry_in = Some(delay);
@@ -635,6 +640,7 @@ impl Engine {
             id: d.id,
             fence: d.fence,
             attempts: d.attempts,
+            interruptions: d.interruptions,
             commit_id: d.commit_id,
             operation_id: d.operation_id,
             index: d.message_index,
@@ -814,6 +820,32 @@ impl Engine {
             cancelled,
             released,
         })
+    }
+}
+
+type Ran = Result<
+    Result<crate::HandlerResult, Box<dyn std::any::Any + Send>>,
+    tokio::time::error::Elapsed,
+>;
+
+impl Engine {
+    /// What an attempt came to: `None` for success, else the failure kind (as it stands if no
+    /// retry is left) and the reason.
+    fn classify(ran: Ran, timeout: Duration) -> Option<(FailureKind, String)> {
+        match ran {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(crate::HandlerError::Reject(reason)))) => {
+                Some((FailureKind::Rejected, reason))
+            }
+            Ok(Ok(Err(crate::HandlerError::Transient(reason)))) => {
+                Some((FailureKind::RetriesExhausted, reason))
+            }
+            Ok(Err(panic)) => Some((FailureKind::Panicked, panic_message(panic.as_ref()))),
+            Err(_) => Some((
+                FailureKind::TimedOut,
+                format!("timed out after {timeout:?}"),
+            )),
+        }
     }
 }
 

@@ -18,6 +18,10 @@ pub enum FailureKind {
     TimedOut,
     /// The last attempt panicked.
     Panicked,
+    /// The bus running it stopped (crashed, was killed) more often than the bus allows
+    /// (`BusBuilder::max_interruptions`): the message may bring its process down, so it is not
+    /// run again.
+    Interrupted,
 }
 
 /// The failure that decided an operation: which event, which handler, why, after how many attempts.

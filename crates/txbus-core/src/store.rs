@@ -156,6 +156,10 @@ pub struct ClaimedDelivery {
     pub fence: i64,
     /// Attempts already finished.
     pub attempts: u32,
+    /// Times a bus holding this delivery stopped without releasing it (a crash, a kill) and
+    /// its lease was taken over. An attempt cut short that way is never recorded, so this is
+    /// what shows a message that brings its process down.
+    pub interruptions: u32,
     /// The commit's id (see [`AppendReceipt::commit_id`]).
     pub commit_id: u64,
     /// The operation.
@@ -400,7 +404,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Leases up to `limit` deliveries for `handlers` that are due: pending ones whose time has
     /// come, and leased ones whose owner has not sent a heartbeat within `lease_ttl`. Each lease
-    /// gets a new, higher fence.
+    /// gets a new, higher fence; taking over the lease of a stopped owner (or freeing it when
+    /// the store is opened after a crash) counts one [`ClaimedDelivery::interruptions`].
     async fn claim(
         &self,
         owner: OwnerId,

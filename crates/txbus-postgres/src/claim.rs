@@ -31,7 +31,8 @@ pub(crate) struct Claim<'a> {
 }
 
 /// A leased row: id, fence, attempts, commit id, message index, handler.
-type Leased = (i64, i64, i32, i64, i32, String);
+/// id, fence, attempts, commit id, message index, handler, interruptions.
+type Leased = (i64, i64, i32, i64, i32, String, i32);
 
 /// Leases up to `limit` due deliveries. Leases of stopped buses are looked for at most every
 /// quarter of the ttl per store: that search reads every leased row.
@@ -55,7 +56,7 @@ pub(crate) async fn claim(
              FOR UPDATE SKIP LOCKED)
          UPDATE {s}.deliveries d SET status = 1, owner = $1, fence = d.fence + 1, updated_at = $2
          FROM picked WHERE d.id = picked.id
-         RETURNING d.id, d.fence, d.attempts, d.commit_id, d.idx, d.handler",
+         RETURNING d.id, d.fence, d.attempts, d.commit_id, d.idx, d.handler, d.interruptions",
     ))
     .bind(PgUuid(req.owner))
     .bind(now)
@@ -79,9 +80,10 @@ pub(crate) async fn claim(
                    AND owner NOT IN (SELECT owner FROM alive)
                  ORDER BY id LIMIT $4
                  FOR UPDATE SKIP LOCKED)
-             UPDATE {s}.deliveries d SET owner = $1, fence = d.fence + 1, updated_at = $2
+             UPDATE {s}.deliveries d SET owner = $1, fence = d.fence + 1, updated_at = $2,
+                 interruptions = d.interruptions + 1
              FROM picked WHERE d.id = picked.id
-             RETURNING d.id, d.fence, d.attempts, d.commit_id, d.idx, d.handler",
+             RETURNING d.id, d.fence, d.attempts, d.commit_id, d.idx, d.handler, d.interruptions",
         ))
         .bind(PgUuid(req.owner))
         .bind(now)
@@ -120,12 +122,13 @@ pub(crate) async fn claim(
     let messages = load_messages(&mut tx, schema, &leased).await?;
     let mut claimed = Vec::with_capacity(leased.len());
     let mut unreadable: Vec<(i64, Failure)> = Vec::new();
-    for (id, fence, attempts, commit, idx, handler) in leased {
+    for (id, fence, attempts, commit, idx, handler, interruptions) in leased {
         match messages.get(&(commit, idx)) {
             Some(Ok((message, operation_id))) => claimed.push(ClaimedDelivery {
                 id,
                 fence,
                 attempts: small(attempts),
+                interruptions: small(interruptions),
                 commit_id: unsigned(commit),
                 operation_id: *operation_id,
                 message_index: small(idx),

@@ -108,7 +108,8 @@ impl Schema {
 }
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {s}.commits (
     id             BIGSERIAL PRIMARY KEY,
     position       BIGINT UNIQUE,
@@ -175,7 +176,12 @@ CREATE TABLE {s}.chain_head (
 );
 INSERT INTO {s}.chain_head (singleton, position, chain_hash)
 VALUES (true, 0, decode(repeat('00', 32), 'hex'));
-"#];
+"#,
+    // Times the lease of a delivery was taken from a bus that stopped without releasing it.
+    r#"
+ALTER TABLE {s}.deliveries ADD COLUMN interruptions INT NOT NULL DEFAULT 0;
+"#,
+];
 
 /// The newest schema version this build knows.
 pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;

@@ -46,6 +46,7 @@ pub(crate) fn claim(
                 .collect()
         })
         .map_err(sql("finding pending deliveries"))?;
+    let pending = ids.len();
     let mut stale_owners: Vec<Vec<u8>> = Vec::new();
     if scan_abandoned && (ids.len() as i64) < limit {
         stale_owners = tx
@@ -85,15 +86,32 @@ pub(crate) fn claim(
     }
     let mut cache: HashMap<(i64, i64), Loaded> = HashMap::new();
     let mut claimed = Vec::with_capacity(ids.len());
-    for id in ids {
-        let (position, idx, handler, attempts, fence): (i64, i64, String, i64, i64) = tx
+    for (k, id) in ids.into_iter().enumerate() {
+        // Ids past the pending ones were taken from stopped owners: one more interruption.
+        let taken_over = i64::from(k >= pending);
+        let (position, idx, handler, attempts, fence, interruptions): (
+            i64,
+            i64,
+            String,
+            i64,
+            i64,
+            i64,
+        ) = tx
             .prepare_cached(
-                "UPDATE deliveries SET status = 1, owner = ?2, fence = fence + 1, updated_at = ?3
-                 WHERE id = ?1 RETURNING position, idx, handler, attempts, fence",
+                "UPDATE deliveries SET status = 1, owner = ?2, fence = fence + 1, updated_at = ?3,
+                     interruptions = interruptions + ?4
+                 WHERE id = ?1 RETURNING position, idx, handler, attempts, fence, interruptions",
             )
             .and_then(|mut s| {
-                s.query_row(params![id, owner.as_bytes(), now], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                s.query_row(params![id, owner.as_bytes(), now, taken_over], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
                 })
             })
             .map_err(sql("leasing a delivery"))?;
@@ -110,6 +128,7 @@ pub(crate) fn claim(
                 id,
                 fence,
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                interruptions: u32::try_from(interruptions).unwrap_or(u32::MAX),
                 commit_id: u64::try_from(position).unwrap_or(0),
                 operation_id,
                 message_index: u32::try_from(idx).unwrap_or(u32::MAX),

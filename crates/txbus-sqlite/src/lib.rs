@@ -156,7 +156,8 @@ impl SqliteStore {
         // Every lease in the file belongs to a process that no longer holds the lock: free
         // them all now (one scan at open) rather than look for them on every claim.
         conn.execute_batch(
-            "UPDATE deliveries SET status = 0, owner = NULL WHERE status = 1;
+            "UPDATE deliveries SET status = 0, owner = NULL, interruptions = interruptions + 1
+             WHERE status = 1;
              DELETE FROM owners;",
         )
         .map_err(sql("freeing the leases of stopped buses"))?;

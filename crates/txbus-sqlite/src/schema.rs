@@ -18,7 +18,8 @@ pub(crate) mod status {
 pub(crate) use txbus_core::store::op_status;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE commits (
     position       INTEGER PRIMARY KEY,
     op_id          BLOB    NOT NULL,
@@ -67,7 +68,12 @@ CREATE TABLE owners (
     owner        BLOB PRIMARY KEY,
     heartbeat_at INTEGER NOT NULL
 ) WITHOUT ROWID;
-"#];
+"#,
+    // Times the lease of a delivery was taken from a bus that stopped without releasing it.
+    r#"
+ALTER TABLE deliveries ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 /// The newest schema version this build knows.
 pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
