@@ -56,6 +56,19 @@ pub async fn run(args: &Args) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The bus scenarios that `all` runs on either store, printed as they finish.
+async fn bus_scenarios(args: &Args) -> Result<(Line, Line, Vec<Line>), BoxError> {
+    let tx = transact(args).await?;
+    tx.print(args.json);
+    let lat = transact_latency(args).await?;
+    lat.print(args.json);
+    let publ = publish(args).await?;
+    for l in &publ {
+        l.print(args.json);
+    }
+    Ok((tx, lat, publ))
+}
+
 /// The PostgreSQL database of `--store`, or the local test database.
 fn pg_url(args: &Args) -> String {
     args.store
@@ -73,13 +86,7 @@ async fn all_postgres(args: &Args) -> Result<(), BoxError> {
     for l in &raw {
         l.print(args.json);
     }
-    let tx = transact(&short).await?;
-    tx.print(args.json);
-    let lat = transact_latency(&short).await?;
-    lat.print(args.json);
-    for l in publish(&short).await? {
-        l.print(args.json);
-    }
+    let (tx, lat, _publish) = bus_scenarios(&short).await?;
     let (raw_commit, raw_commit_1) = (&raw[0], &raw[1]);
     let r = tx.ops_per_sec() / raw_commit.ops_per_sec();
     print_check(
@@ -112,14 +119,7 @@ async fn all(args: &Args) -> Result<(), BoxError> {
     for l in &raw {
         l.print(args.json);
     }
-    let tx = transact(&short).await?;
-    tx.print(args.json);
-    let lat = transact_latency(&short).await?;
-    lat.print(args.json);
-    let publ = publish(&short).await?;
-    for l in &publ {
-        l.print(args.json);
-    }
+    let (tx, lat, publ) = bus_scenarios(&short).await?;
     let mem = pending_memory(args).await?;
     mem.print(args.json);
 
