@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::chain::{self, VerifyReport};
+use crate::commit::Commit;
+use crate::kv::{KvEntry, KvWrite};
+use crate::stream::{Direction, StreamEvent};
 use crate::engine::{Engine, HandlerEntry, Settings, ShutdownReport};
 use crate::error::Error;
 use crate::filter::On;
@@ -17,7 +20,7 @@ use crate::outcome::{OperationState, Outcome};
 use crate::policy::{Backoff, Policy, PolicyOverride};
 use crate::retention::{PruneReport, Retention};
 use crate::schema::SchemaRegistry;
-use crate::store::{CommitKind, DeadLetter, DeadLetterQuery, Stats, Store};
+use crate::store::{CommitKind, CommitRecord, DeadLetter, DeadLetterQuery, Stats, Store};
 
 /// A running bus: commit events, run handlers, report outcomes. Cheap to clone.
 #[derive(Clone)]
@@ -49,24 +52,109 @@ impl Bus {
     where
         I: IntoIterator<Item = Event>,
     {
-        let events: Vec<Event> = events.into_iter().collect();
+        self.commit(Commit::new().events(events)).await
+    }
+
+    /// Commits events, stream appends with their expected versions, and key–value writes,
+    /// atomically: all or none. A stream or key that is not where the commit expects fails
+    /// the call with [`Error::Conflict`] (match on it, reload, retry) and nothing is written.
+    /// Stream events are ordinary messages: subscribed handlers run in the same operation.
+    pub async fn commit(&self, commit: Commit) -> Result<Operation, Error> {
         let (commit_id, _, guard) = self
             .engine
-            .commit(CommitKind::Transact, events, true)
+            .commit(CommitKind::Transact, commit, true)
             .await?;
         let guard =
             guard.ok_or_else(|| Error::Config("internal: missing operation watch".into()))?;
         Ok(self.engine.operation(commit_id, guard))
     }
 
+    /// Like [`commit`](Self::commit), but nobody waits for the outcome (as for `publish`).
+    pub async fn commit_unwatched(&self, commit: Commit) -> Result<OperationId, Error> {
+        let (_, id, _) = self
+            .engine
+            .commit(CommitKind::Publish, commit, false)
+            .await?;
+        Ok(id)
+    }
+
+    /// Validates `commit` and routes its events to every subscribed handler, without writing
+    /// anything: the result is what a store writes. Stores that can write a commit inside the
+    /// caller's own database transaction (the transactional outbox) take it from here; the
+    /// deliveries it names are pending, for whichever bus claims them. Nobody waits on the
+    /// operation: read its outcome by id.
+    pub fn prepare(&self, commit: Commit) -> Result<crate::store::NewCommit, Error> {
+        self.engine.prepare(CommitKind::Publish, commit)
+    }
+
+    /// Reads up to `limit` events of a stream from version `from` (inclusive), forward or
+    /// backward (`u64::MAX` with [`Direction::Backward`] starts at the end).
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>, Error> {
+        Ok(self
+            .engine
+            .store
+            .read_stream(stream, from, direction, limit)
+            .await?)
+    }
+
+    /// The version of a stream's last event; 0 when it has none.
+    pub async fn stream_version(&self, stream: &str) -> Result<u64, Error> {
+        Ok(self.engine.store.stream_version(stream).await?)
+    }
+
+    /// Reads up to `limit` commits of the whole log after `after_position`, in order.
+    pub async fn read_log(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<CommitRecord>, Error> {
+        Ok(self.engine.store.read_log(after_position, limit).await?)
+    }
+
+    /// A receiver that changes whenever the log may have grown (a commit by this bus, or
+    /// work announced by a shared store). Readers of the log wait on it, with a poll as a
+    /// fallback for commits made elsewhere.
+    pub fn log_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.engine.log_tick.subscribe()
+    }
+
+    /// Reads one key of the store's key–value space.
+    pub async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, Error> {
+        Ok(self.engine.store.kv_get(key).await?)
+    }
+
+    /// Applies key–value writes atomically; a condition that fails returns
+    /// [`Error::Conflict`] and writes nothing. Returns each key's new version (0 for deletes).
+    pub async fn kv_write(&self, writes: Vec<KvWrite>) -> Result<Vec<u64>, Error> {
+        crate::kv::check_writes(&writes).map_err(Error::InvalidCommit)?;
+        Ok(self.engine.store.kv_write(writes).await?)
+    }
+
+    /// Lists live entries whose key starts with `prefix`, in key order, after `after`.
+    pub async fn kv_scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KvEntry>, Error> {
+        Ok(self.engine.store.kv_scan(prefix, after, limit).await?)
+    }
+
+    /// The store this bus runs on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.engine.store
+    }
+
     /// Commits one event durably; its handlers run as for `transact`, but nobody waits. The
     /// returned id can still be used with [`outcome`](Self::outcome).
     pub async fn publish(&self, event: Event) -> Result<OperationId, Error> {
-        let (_, id, _) = self
-            .engine
-            .commit(CommitKind::Publish, vec![event], false)
-            .await?;
-        Ok(id)
+        self.commit_unwatched(Commit::new().event(event)).await
     }
 
     /// Reads where an operation stands, from the store: works after a restart and for

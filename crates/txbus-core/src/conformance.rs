@@ -25,6 +25,9 @@ use crate::{
     OperationState, PolicyOverride, Progress, Retention, SchemaRegistry, StoredMessage, TypedEvent,
 };
 
+mod streams;
+pub use streams::*;
+
 /// Makes stores for the suite.
 #[async_trait]
 pub trait Harness: Send + Sync {
@@ -39,14 +42,14 @@ pub trait Harness: Send + Sync {
 /// A bound on how long a case may wait before it is declared hung; never a measurement.
 const HANG: Duration = Duration::from_secs(60);
 
-fn builder(store: Arc<dyn Store>) -> BusBuilder {
+pub(crate) fn builder(store: Arc<dyn Store>) -> BusBuilder {
     Bus::builder()
         .shared_store(store)
         .backoff(Backoff::fixed(Duration::from_millis(5)))
         .poll_interval(Duration::from_millis(50))
 }
 
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+pub(crate) async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(HANG, f).await.expect("the case hung")
 }
 
@@ -770,6 +773,8 @@ fn one_message_commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
             leased: true,
         }],
         lease_to,
+        streams: Vec::new(),
+        kv: Vec::new(),
     }
 }
 
@@ -1050,6 +1055,48 @@ macro_rules! conformance_tests {
         async fn the_log_reads_back_in_order_and_verifies() {
             let harness = $harness;
             $crate::conformance::the_log_reads_back_in_order_and_verifies(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn streams_append_with_expected_versions_and_read_both_ways() {
+            let harness = $harness;
+            $crate::conformance::streams_append_with_expected_versions_and_read_both_ways(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn several_streams_commit_atomically_or_not_at_all() {
+            let harness = $harness;
+            $crate::conformance::several_streams_commit_atomically_or_not_at_all(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn stream_events_run_their_handlers_in_the_same_operation() {
+            let harness = $harness;
+            $crate::conformance::stream_events_run_their_handlers_in_the_same_operation(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_conflict_inside_a_group_commit_fails_only_its_own_commit() {
+            let harness = $harness;
+            $crate::conformance::a_conflict_inside_a_group_commit_fails_only_its_own_commit(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn key_value_compare_and_set_and_expiry() {
+            let harness = $harness;
+            $crate::conformance::key_value_compare_and_set_and_expiry(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn key_value_writes_commit_with_events_atomically() {
+            let harness = $harness;
+            $crate::conformance::key_value_writes_commit_with_events_atomically(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn streams_and_keys_survive_a_restart() {
+            let harness = $harness;
+            $crate::conformance::streams_and_keys_survive_a_restart(&harness).await;
             $crate::conformance::Harness::cleanup(&harness).await;
         }
     };

@@ -16,6 +16,7 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 
+use crate::commit::Commit;
 use crate::error::Error;
 use crate::filter::On;
 use crate::handler::ErasedHandler;
@@ -26,6 +27,7 @@ use crate::outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
 use crate::policy::Policy;
 use crate::retention::Retention;
 use crate::schema::SchemaRegistry;
+use crate::stream::{ExpectedVersion, StreamAppend, MAX_STREAM_ID_BYTES};
 use crate::store::{
     ClaimedDelivery, CommitKind, Completion, CompletionEffect, DeliveryResult, NewCommit,
     NewDelivery, OwnerId, Store, Subscription,
@@ -174,6 +176,8 @@ pub(crate) struct Engine {
     claim_dirty: AtomicBool,
     paused: watch::Sender<bool>,
     stopping: watch::Sender<bool>,
+    /// Bumped whenever the log may have grown (a commit here, work announced by the store).
+    pub(crate) log_tick: watch::Sender<u64>,
     closed: AtomicBool,
     attempts: Arc<Tracker>,
     background: Mutex<Vec<AbortHandle>>,
@@ -209,6 +213,7 @@ impl Engine {
             global: Arc::new(Semaphore::new(settings.max_concurrency)),
             paused: watch::Sender::new(settings.start_paused),
             stopping: watch::Sender::new(false),
+            log_tick: watch::Sender::new(0),
             settings,
             handlers,
             handler_names,
@@ -294,16 +299,59 @@ impl Engine {
         *self.stopping.borrow()
     }
 
+    /// Validates a commit and routes it to every subscribed handler, without writing it: for
+    /// stores that write commits inside a caller's own transaction (an outbox). Nothing is
+    /// leased: the deliveries are pending for whichever bus claims them.
+    pub(crate) fn prepare(&self, kind: CommitKind, commit: Commit) -> Result<NewCommit, Error> {
+        let Commit {
+            mut events,
+            streams,
+            kv,
+        } = commit;
+        let streams = stream_appends(&mut events, streams)?;
+        crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
+        let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
+        let table = self.route_table();
+        let mut deliveries = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let message_index = u32::try_from(i).unwrap_or(u32::MAX);
+            deliveries.extend(table.iter().filter(|r| r.filter.matches(m)).map(|r| {
+                NewDelivery {
+                    message_index,
+                    handler: Arc::clone(&r.name),
+                    leased: false,
+                }
+            }));
+        }
+        Ok(NewCommit {
+            operation_id: OperationId::new(),
+            kind,
+            created_at_ms: now_ms(),
+            messages,
+            deliveries,
+            lease_to: None,
+            streams,
+            kv,
+        })
+    }
+
     /// Validates, commits, and hands the deliveries to the handlers.
     pub(crate) async fn commit(
         self: &Arc<Self>,
         kind: CommitKind,
-        events: Vec<Event>,
+        commit: Commit,
         watch: bool,
     ) -> Result<(u64, OperationId, Option<WatchGuard>), Error> {
         if self.is_stopping() {
             return Err(Error::ShuttingDown);
         }
+        let Commit {
+            mut events,
+            streams,
+            kv,
+        } = commit;
+        let streams = stream_appends(&mut events, streams)?;
+        crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
         let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
         let operation_id = OperationId::new();
         // (message index, route) for every subscribed handler, local or in another process.
@@ -344,8 +392,11 @@ impl Engine {
                 })
                 .collect(),
             lease_to: leased.then_some(self.owner),
+            streams,
+            kv,
         };
         let receipt = self.store.append(commit).await?;
+        self.log_tick.send_modify(|t| *t = t.wrapping_add(1));
         if let Some(outcome) = receipt.finished {
             self.watchers.finish(outcome);
         }
@@ -716,7 +767,10 @@ impl Engine {
         use futures_util::StreamExt;
         while let Some(n) = notifications.next().await {
             match n {
-                crate::store::Notification::Work => self.wake_claimer(),
+                crate::store::Notification::Work => {
+                    self.log_tick.send_modify(|t| *t = t.wrapping_add(1));
+                    self.wake_claimer()
+                }
                 crate::store::Notification::Subscriptions => {
                     if let Err(e) = self.refresh_routes().await {
                         tracing::warn!(error = %e, "refreshing subscriptions failed");
@@ -856,4 +910,43 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-string panic payload".to_owned());
     format!("panicked: {text}")
+}
+
+/// Checks the commit's streams and marks each stream event with its stream id.
+fn stream_appends(
+    events: &mut [Event],
+    streams: Vec<(String, ExpectedVersion, Vec<usize>)>,
+) -> Result<Vec<StreamAppend>, Error> {
+    let mut out: Vec<StreamAppend> = Vec::with_capacity(streams.len());
+    for (stream, expected, indexes) in streams {
+        if stream.is_empty() || stream.len() > MAX_STREAM_ID_BYTES {
+            return Err(Error::InvalidCommit(format!(
+                "stream id {stream:?} must be 1 to {MAX_STREAM_ID_BYTES} bytes"
+            )));
+        }
+        if out.iter().any(|s| s.stream == stream) {
+            return Err(Error::InvalidCommit(format!(
+                "stream {stream:?} appears twice in one commit; put its events in one list"
+            )));
+        }
+        if indexes.is_empty() {
+            return Err(Error::InvalidCommit(format!(
+                "stream {stream:?} is given no events"
+            )));
+        }
+        let mut message_indexes = Vec::with_capacity(indexes.len());
+        for i in indexes {
+            let event = events.get_mut(i).ok_or_else(|| {
+                Error::InvalidCommit(format!("stream {stream:?}: event index {i} out of range"))
+            })?;
+            event.headers.stream = Some(stream.clone());
+            message_indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
+        }
+        out.push(StreamAppend {
+            stream,
+            expected,
+            message_indexes,
+        });
+    }
+    Ok(out)
 }

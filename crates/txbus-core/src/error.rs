@@ -1,5 +1,6 @@
 //! The errors of the bus API.
 
+use crate::conflict::Conflict;
 use crate::message::OperationId;
 use crate::store;
 
@@ -35,9 +36,16 @@ pub enum Error {
     /// The configuration is inconsistent.
     #[error("invalid bus configuration: {0}")]
     Config(String),
+    /// A condition of the commit (a stream's expected version, a key's expected version) did
+    /// not hold; nothing was written. Reload and retry.
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// The commit's streams or key–value writes are unusable; nothing was written.
+    #[error("invalid commit, nothing was written: {0}")]
+    InvalidCommit(String),
     /// The store failed; the call may or may not have been applied only where the store says so.
     #[error(transparent)]
-    Store(#[from] store::Error),
+    Store(store::Error),
     /// The bus is shutting down and takes no new work.
     #[error("the bus is shutting down and accepts no new work")]
     ShuttingDown,
@@ -49,4 +57,14 @@ pub enum Error {
     /// No dead letter with this id.
     #[error("no dead letter with delivery id {0}")]
     UnknownDeadLetter(i64),
+}
+
+impl From<store::Error> for Error {
+    fn from(e: store::Error) -> Self {
+        match e {
+            store::Error::Conflict(c) => Self::Conflict(c),
+            store::Error::Invalid(reason) => Self::InvalidCommit(reason),
+            other => Self::Store(other),
+        }
+    }
 }

@@ -34,12 +34,15 @@
 
 pub mod bus;
 pub mod chain;
+pub mod commit;
+pub mod conflict;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod engine;
 pub mod error;
 pub mod filter;
 pub mod handler;
+pub mod kv;
 mod limits;
 pub mod message;
 pub mod operation;
@@ -48,14 +51,18 @@ pub mod policy;
 pub mod retention;
 pub mod schema;
 pub mod store;
+pub mod stream;
 pub mod time;
 
 pub use bus::{Bus, BusBuilder};
 pub use chain::{Broken, VerifyReport};
+pub use commit::Commit;
+pub use conflict::Conflict;
 pub use engine::ShutdownReport;
 pub use error::Error;
 pub use filter::On;
 pub use handler::{Handler, HandlerError, HandlerResult, Typed};
+pub use kv::{KvEntry, KvExpect, KvOp, KvWrite};
 pub use limits::Limits;
 pub use message::{
     DeliveryContext, Event, Headers, Message, MessageId, OperationId, StoredMessage, TypedEvent,
@@ -65,4 +72,5 @@ pub use outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
 pub use policy::{Backoff, Policy, PolicyOverride};
 pub use retention::{Keep, PruneReport, Retention};
 pub use schema::SchemaRegistry;
-pub use store::{DeadLetter, DeadLetterQuery, Stats, Store};
+pub use store::{CommitRecord, DeadLetter, DeadLetterQuery, Stats, Store};
+pub use stream::{Direction, ExpectedVersion, StreamEvent};

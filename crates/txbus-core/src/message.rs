@@ -74,6 +74,9 @@ pub struct Headers {
     /// The id of the message that caused this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// The stream the message was appended to, if any (set by the bus from the commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     /// Any other entries (trace context, idempotency key, tenant, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
@@ -82,7 +85,10 @@ pub struct Headers {
 impl Headers {
     /// True when no header is set.
     pub fn is_empty(&self) -> bool {
-        self.correlation_id.is_none() && self.causation_id.is_none() && self.extra.is_empty()
+        self.correlation_id.is_none()
+            && self.causation_id.is_none()
+            && self.stream.is_none()
+            && self.extra.is_empty()
     }
 }
 

@@ -54,4 +54,6 @@ pub struct PruneReport {
     pub failed: u64,
     /// Outcomes removed.
     pub outcomes: u64,
+    /// Expired key–value entries removed.
+    pub expired_keys: u64,
 }

@@ -13,7 +13,10 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::chain::Hash;
+pub use crate::conflict::Conflict;
+use crate::kv::{KvEntry, KvWrite};
 use crate::message::{OperationId, StoredMessage};
+use crate::stream::{Direction, StreamAppend, StreamEvent};
 use crate::outcome::{Failure, OperationState, Outcome};
 use crate::retention::{PruneReport, Retention};
 
@@ -48,6 +51,14 @@ pub enum Error {
     /// Stored data could not be read back (corrupt or edited by hand).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A condition of the call (a stream's expected version, a key's expected version) did not
+    /// hold; nothing was written.
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    /// The call's input is unusable (a key too long, a stream id empty, …); nothing was
+    /// written.
+    #[error("invalid input, nothing was written: {0}")]
+    Invalid(String),
     /// The stored schema is newer than this version of txbus.
     #[error("the store's schema version {found} is newer than this txbus supports ({supported}); upgrade txbus")]
     SchemaTooNew {
@@ -130,6 +141,14 @@ pub struct NewCommit {
     /// The owner that deliveries marked [`NewDelivery::leased`] are leased to (fence 1), so that
     /// the committing process runs them without another round trip. `None`: all are pending.
     pub lease_to: Option<OwnerId>,
+    /// Stream appends: each names messages of this commit and the version its stream must be
+    /// at. The store checks every condition before writing; one that fails makes the append
+    /// fail with [`Error::Conflict`] and nothing is written. Each message carries its stream
+    /// id in [`crate::Headers::stream`] too.
+    pub streams: Vec<StreamAppend>,
+    /// Key–value writes committed atomically with the commit (checkpoints, dedupe marks,
+    /// indexes); a condition that fails makes the whole append fail with [`Error::Conflict`].
+    pub kv: Vec<KvWrite>,
 }
 
 /// What an append returns once the commit is durable.
@@ -444,6 +463,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Counts what the store holds.
     async fn stats(&self) -> Result<Stats, Error>;
+
+    /// Reads up to `limit` events of `stream`, from version `from` (inclusive) in `direction`.
+    /// An unknown stream reads as empty.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>, Error>;
+
+    /// The version of a stream's last event; 0 when the stream has none.
+    async fn stream_version(&self, stream: &str) -> Result<u64, Error>;
+
+    /// Reads one key; expired entries read as absent.
+    async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, Error>;
+
+    /// Applies writes atomically and durably: all or none. A condition that does not hold
+    /// fails the call with [`Error::Conflict`] and nothing is written. Returns each written
+    /// key's new version (0 for a delete).
+    async fn kv_write(&self, writes: Vec<KvWrite>) -> Result<Vec<u64>, Error>;
+
+    /// Lists up to `limit` live entries whose key starts with `prefix`, in key order, after
+    /// the key `after` when given (for paging).
+    async fn kv_scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KvEntry>, Error>;
 
     /// True when several processes share this store: buses then record their subscriptions in
     /// it and route to the handlers of every process. Embedded stores (one process per file)

@@ -1,0 +1,84 @@
+//! A commit to hand to [`crate::Bus::commit`]: events, some of them appended to streams with
+//! an expected version, and key–value writes — all atomic.
+
+use crate::kv::KvWrite;
+use crate::message::Event;
+use crate::stream::ExpectedVersion;
+
+/// Events and conditions committed together: all or none.
+///
+/// ```
+/// use serde_json::json;
+/// use txbus_core::{Commit, Event, ExpectedVersion, KvWrite};
+///
+/// let commit = Commit::new()
+///     .stream("order-7", ExpectedVersion::Exact(3), [Event::new("order.item-added", json!({"sku": "A1"}))])
+///     .stream("stock-A1", ExpectedVersion::Any, [Event::new("stock.reserved", json!({"order": 7}))])
+///     .event(Event::new("audit.order-changed", json!({"order": 7})))
+///     .kv(KvWrite::put("orders/7/last-change", b"now".to_vec()));
+/// assert_eq!(commit.len(), 3);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    pub(crate) events: Vec<Event>,
+    /// (stream, expected version, indexes of its events in `events`).
+    pub(crate) streams: Vec<(String, ExpectedVersion, Vec<usize>)>,
+    pub(crate) kv: Vec<KvWrite>,
+}
+
+impl Commit {
+    /// An empty commit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an event that belongs to no stream.
+    pub fn event(mut self, event: Event) -> Self {
+        self.events.push(event);
+        self
+    }
+
+    /// Adds events that belong to no stream.
+    pub fn events(mut self, events: impl IntoIterator<Item = Event>) -> Self {
+        self.events.extend(events);
+        self
+    }
+
+    /// Appends `events` to `stream`, which must be at `expected` when the commit is written;
+    /// otherwise the commit fails with [`crate::Error::Conflict`] and nothing is written. A
+    /// stream may appear once per commit.
+    pub fn stream(
+        mut self,
+        stream: impl Into<String>,
+        expected: ExpectedVersion,
+        events: impl IntoIterator<Item = Event>,
+    ) -> Self {
+        let start = self.events.len();
+        self.events.extend(events);
+        let indexes = (start..self.events.len()).collect();
+        self.streams.push((stream.into(), expected, indexes));
+        self
+    }
+
+    /// Adds a key–value write, applied with the commit (its condition is checked too).
+    pub fn kv(mut self, write: KvWrite) -> Self {
+        self.kv.push(write);
+        self
+    }
+
+    /// The number of events.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// True when the commit holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+impl<I: IntoIterator<Item = Event>> From<I> for Commit {
+    fn from(events: I) -> Self {
+        Self::new().events(events)
+    }
+}
