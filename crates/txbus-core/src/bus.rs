@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use crate::chain::{self, VerifyReport};
 use crate::commit::Commit;
-use crate::kv::{KvEntry, KvWrite};
-use crate::stream::{Direction, StreamEvent};
 use crate::engine::{Engine, HandlerEntry, Settings, ShutdownReport};
 use crate::error::Error;
 use crate::filter::On;
 use crate::handler::{Erased, Handler, HandlerResult, Typed};
+use crate::kv::{KvEntry, KvWrite};
 use crate::limits::Limits;
 use crate::message::{Event, Message, OperationId, TypedEvent};
 use crate::operation::Operation;
@@ -21,6 +20,7 @@ use crate::policy::{Backoff, Policy, PolicyOverride};
 use crate::retention::{PruneReport, Retention};
 use crate::schema::SchemaRegistry;
 use crate::store::{CommitKind, CommitRecord, DeadLetter, DeadLetterQuery, Stats, Store};
+use crate::stream::{Direction, StreamEvent};
 
 /// A running bus: commit events, run handlers, report outcomes. Cheap to clone.
 #[derive(Clone)]

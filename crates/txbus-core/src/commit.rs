@@ -2,7 +2,7 @@
 //! an expected version, and key–value writes — all atomic.
 
 use crate::kv::KvWrite;
-use crate::message::Event;
+use crate::message::{Event, OperationId};
 use crate::stream::ExpectedVersion;
 
 /// Events and conditions committed together: all or none.
@@ -24,6 +24,8 @@ pub struct Commit {
     /// (stream, expected version, indexes of its events in `events`).
     pub(crate) streams: Vec<(String, ExpectedVersion, Vec<usize>)>,
     pub(crate) kv: Vec<KvWrite>,
+    /// A caller-chosen operation id; a new one is generated when `None`.
+    pub(crate) operation_id: Option<OperationId>,
 }
 
 impl Commit {
@@ -63,6 +65,14 @@ impl Commit {
     /// Adds a key–value write, applied with the commit (its condition is checked too).
     pub fn kv(mut self, write: KvWrite) -> Self {
         self.kv.push(write);
+        self
+    }
+
+    /// Uses a caller-chosen operation id instead of a generated one, so that the caller can
+    /// record it (e.g. in a key–value write of the same commit) before the commit is written.
+    /// It must be new: a commit under an id the store already holds fails and writes nothing.
+    pub fn operation_id(mut self, id: OperationId) -> Self {
+        self.operation_id = Some(id);
         self
     }
 

@@ -8,7 +8,9 @@ use crate::stream::ExpectedVersion;
 #[non_exhaustive]
 pub enum Conflict {
     /// A stream was not at the expected version.
-    #[error("stream {stream:?} is at version {actual}, expected {expected}; reload it and try again")]
+    #[error(
+        "stream {stream:?} is at version {actual}, expected {expected}; reload it and try again"
+    )]
     Stream {
         /// The stream.
         stream: String,

@@ -27,11 +27,11 @@ use crate::outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
 use crate::policy::Policy;
 use crate::retention::Retention;
 use crate::schema::SchemaRegistry;
-use crate::stream::{ExpectedVersion, StreamAppend, MAX_STREAM_ID_BYTES};
 use crate::store::{
     ClaimedDelivery, CommitKind, Completion, CompletionEffect, DeliveryResult, NewCommit,
     NewDelivery, OwnerId, Store, Subscription,
 };
+use crate::stream::{ExpectedVersion, StreamAppend, MAX_STREAM_ID_BYTES};
 
 pub(crate) use crate::time::now_ms;
 
@@ -307,6 +307,7 @@ impl Engine {
             mut events,
             streams,
             kv,
+            operation_id,
         } = commit;
         let streams = stream_appends(&mut events, streams)?;
         crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
@@ -315,16 +316,19 @@ impl Engine {
         let mut deliveries = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let message_index = u32::try_from(i).unwrap_or(u32::MAX);
-            deliveries.extend(table.iter().filter(|r| r.filter.matches(m)).map(|r| {
-                NewDelivery {
-                    message_index,
-                    handler: Arc::clone(&r.name),
-                    leased: false,
-                }
-            }));
+            deliveries.extend(
+                table
+                    .iter()
+                    .filter(|r| r.filter.matches(m))
+                    .map(|r| NewDelivery {
+                        message_index,
+                        handler: Arc::clone(&r.name),
+                        leased: false,
+                    }),
+            );
         }
         Ok(NewCommit {
-            operation_id: OperationId::new(),
+            operation_id: operation_id.unwrap_or_default(),
             kind,
             created_at_ms: now_ms(),
             messages,
@@ -349,11 +353,12 @@ impl Engine {
             mut events,
             streams,
             kv,
+            operation_id,
         } = commit;
         let streams = stream_appends(&mut events, streams)?;
         crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
         let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
-        let operation_id = OperationId::new();
+        let operation_id = operation_id.unwrap_or_default();
         // (message index, route) for every subscribed handler, local or in another process.
         let table = self.route_table();
         let mut targets: Vec<(u32, &Route)> = Vec::new();

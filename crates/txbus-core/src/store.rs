@@ -16,9 +16,9 @@ use crate::chain::Hash;
 pub use crate::conflict::Conflict;
 use crate::kv::{KvEntry, KvWrite};
 use crate::message::{OperationId, StoredMessage};
-use crate::stream::{Direction, StreamAppend, StreamEvent};
 use crate::outcome::{Failure, OperationState, Outcome};
 use crate::retention::{PruneReport, Retention};
+use crate::stream::{Direction, StreamAppend, StreamEvent};
 
 /// Identifies one running bus instance: the holder of leases.
 pub type OwnerId = Uuid;

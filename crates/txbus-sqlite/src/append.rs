@@ -15,6 +15,10 @@ pub(crate) fn append(
     c: &NewCommit,
     now: i64,
 ) -> Result<AppendReceipt, Error> {
+    // Conditions first: a conflict returns before anything is written, so it fails only this
+    // commit and not the group commit around it.
+    let stream_versions = crate::stream::check(tx, &c.streams)?;
+    let kv_versions = crate::kv::check(tx, &c.kv, now)?;
     let position = state.position + 1;
     let data = chain::data_hash(
         &c.operation_id.0,
@@ -66,6 +70,12 @@ pub(crate) fn append(
             ])
             .map_err(sql("inserting a message"))?;
         }
+    }
+    if !c.streams.is_empty() {
+        crate::stream::append(tx, pos, &c.streams, &stream_versions)?;
+    }
+    if !c.kv.is_empty() {
+        crate::kv::apply(tx, &c.kv, &kv_versions, now)?;
     }
     let mut delivery_ids = Vec::with_capacity(c.deliveries.len());
     if !c.deliveries.is_empty() {

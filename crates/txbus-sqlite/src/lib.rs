@@ -18,11 +18,13 @@ mod append;
 mod claim;
 mod complete;
 mod error;
+mod kv;
 mod lock;
 mod prune;
 mod read;
 mod row;
 mod schema;
+mod stream;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +38,8 @@ use txbus_core::store::{
     AppendReceipt, ClaimedDelivery, CommitRecord, Completion, CompletionEffect, DeadLetter,
     DeadLetterQuery, Error, NewCommit, OwnerId, Stats, Store,
 };
-use txbus_core::{OperationId, OperationState, PruneReport, Retention};
+use txbus_core::stream::{Direction, StreamEvent};
+use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention};
 
 use crate::error::sql;
 use crate::writer::{Op, Out, Request, Writer};
@@ -303,6 +306,7 @@ impl Store for SqliteStore {
             total.succeeded += step.report.succeeded;
             total.failed += step.report.failed;
             total.outcomes += step.report.outcomes;
+            total.expired_keys += step.report.expired_keys;
             if !step.more {
                 return Ok(total);
             }
@@ -320,6 +324,47 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<Stats, Error> {
         self.read(read::stats).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>, Error> {
+        let stream = stream.to_owned();
+        self.read(move |c| stream::read(c, &stream, from, direction, limit))
+            .await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<u64, Error> {
+        let stream = stream.to_owned();
+        self.read(move |c| stream::version(c, &stream)).await
+    }
+
+    async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, Error> {
+        let key = key.to_owned();
+        self.read(move |c| kv::get(c, &key, writer::now_ms())).await
+    }
+
+    async fn kv_write(&self, writes: Vec<KvWrite>) -> Result<Vec<u64>, Error> {
+        match self.call(Op::Kv(writes)).await? {
+            Out::Versions(v) => Ok(v),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn kv_scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KvEntry>, Error> {
+        let prefix = prefix.to_owned();
+        let after = after.map(str::to_owned);
+        self.read(move |c| kv::scan(c, &prefix, after.as_deref(), limit, writer::now_ms()))
+            .await
     }
 
     async fn close(&self) -> Result<(), Error> {

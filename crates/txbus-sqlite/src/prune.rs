@@ -173,6 +173,8 @@ pub(crate) fn step(
         .map_err(sql("pruning failed deliveries by age"))?;
     report.failed = (by_count + by_age) as u64;
     more |= by_count as i64 == SPAN || by_age as i64 == SPAN;
+    report.expired_keys = crate::kv::prune_expired(tx, now, SPAN)?;
+    more |= report.expired_keys as i64 == SPAN;
     Ok(Step { report, more })
 }
 

@@ -73,6 +73,25 @@ CREATE TABLE owners (
     r#"
 ALTER TABLE deliveries ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Streams (event sourcing, sagas) index messages of the log by version; the key-value
+    // space holds snapshots, checkpoints, dedupe marks and indexes.
+    r#"
+CREATE TABLE streams (
+    stream   TEXT    NOT NULL,
+    version  INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    idx      INTEGER NOT NULL,
+    PRIMARY KEY (stream, version)
+) WITHOUT ROWID;
+
+CREATE TABLE kv (
+    key        TEXT    PRIMARY KEY,
+    value      BLOB    NOT NULL,
+    version    INTEGER NOT NULL,
+    expires_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;
+"#,
 ];
 
 /// The newest schema version this build knows.

@@ -34,6 +34,7 @@ pub(crate) enum Op {
         bounds: Bounds,
         failed: Keep,
     },
+    Kv(Vec<txbus_core::KvWrite>),
 }
 
 /// A write's result.
@@ -44,6 +45,7 @@ pub(crate) enum Out {
     Count(u64),
     Flag(bool),
     Prune(Step),
+    Versions(Vec<u64>),
     Unit,
 }
 
@@ -156,7 +158,7 @@ impl Writer {
         match self.apply_all(batch) {
             Ok(outs) => {
                 for (req, out) in batch.drain(..).zip(outs) {
-                    let _ = req.reply.send(Ok(out));
+                    let _ = req.reply.send(out);
                 }
             }
             Err(e) if batch.len() == 1 => {
@@ -175,8 +177,10 @@ impl Writer {
         }
     }
 
-    /// Applies the batch in one transaction; on any error nothing of it is kept.
-    fn apply_all(&mut self, batch: &[Request]) -> Result<Vec<Out>, Error> {
+    /// Applies the batch in one transaction; on any error nothing of it is kept, except a
+    /// request's own conflict (or invalid input), found before it wrote anything: that fails
+    /// the one request and the rest of the batch commits.
+    fn apply_all(&mut self, batch: &[Request]) -> Result<Vec<Result<Out, Error>>, Error> {
         let mut state = self.state;
         let now = now_ms();
         let abandoned_due = batch.iter().any(|r| match &r.op {
@@ -192,7 +196,22 @@ impl Writer {
         let mut outs = Vec::with_capacity(batch.len());
         for req in batch {
             let out = match &req.op {
-                Op::Append(commit) => Out::Append(append(&tx, &mut state, commit, now)?),
+                Op::Append(commit) => match append(&tx, &mut state, commit, now) {
+                    Ok(receipt) => Out::Append(receipt),
+                    Err(e @ (Error::Conflict(_) | Error::Invalid(_))) => {
+                        outs.push(Err(e));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Op::Kv(writes) => match crate::kv::check(&tx, writes, now) {
+                    Ok(versions) => Out::Versions(crate::kv::apply(&tx, writes, &versions, now)?),
+                    Err(e @ (Error::Conflict(_) | Error::Invalid(_))) => {
+                        outs.push(Err(e));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
                 Op::Complete(completions) => {
                     Out::Complete(complete(&tx, &state, completions, now)?)
                 }
@@ -249,7 +268,7 @@ impl Writer {
                     Out::Prune(prune::step(&tx, &mut state, bounds, failed, now)?)
                 }
             };
-            outs.push(out);
+            outs.push(Ok(out));
         }
         tx.commit().map_err(sql("committing"))?;
         self.state = state;

@@ -45,7 +45,10 @@ pub async fn streams_append_with_expected_versions_and_read_both_ways(h: &dyn Ha
         .commit(Commit::new().stream("order-1", ExpectedVersion::Exact(1), [ev(99)]))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict(Conflict::Stream { actual: 2, .. })));
+    assert!(matches!(
+        err,
+        Error::Conflict(Conflict::Stream { actual: 2, .. })
+    ));
     bus.commit(Commit::new().stream("order-1", ExpectedVersion::Exact(2), [ev(3)]))
         .await
         .unwrap();
@@ -154,14 +157,18 @@ pub async fn stream_events_run_their_handlers_in_the_same_operation(h: &dyn Harn
     let seen = Arc::new(AtomicUsize::new(0));
     let s = seen.clone();
     let bus = builder(store)
-        .handler("projector", On::event("order.item-added"), move |m: Message| {
-            let s = s.clone();
-            async move {
-                assert_eq!(m.headers().stream.as_deref(), Some("order-9"));
-                s.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-        })
+        .handler(
+            "projector",
+            On::event("order.item-added"),
+            move |m: Message| {
+                let s = s.clone();
+                async move {
+                    assert_eq!(m.headers().stream.as_deref(), Some("order-9"));
+                    s.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
         .build()
         .await
         .unwrap();
@@ -190,7 +197,11 @@ pub async fn a_conflict_inside_a_group_commit_fails_only_its_own_commit(h: &dyn 
                 .await;
             // Everybody also writes a stream of its own, which never conflicts.
             let own = bus
-                .commit(Commit::new().stream(format!("own-{n}"), ExpectedVersion::NoStream, [ev(n)]))
+                .commit(Commit::new().stream(
+                    format!("own-{n}"),
+                    ExpectedVersion::NoStream,
+                    [ev(n)],
+                ))
                 .await;
             (r.is_ok(), matches!(r, Err(Error::Conflict(_))), own.is_ok())
         }));
@@ -216,12 +227,16 @@ pub async fn key_value_compare_and_set_and_expiry(h: &dyn Harness) {
     let bus = builder(store).build().await.unwrap();
     assert!(bus.kv_get("k").await.unwrap().is_none());
     let v = bus
-        .kv_write(vec![KvWrite::put("k", b"one".to_vec()).expect(KvExpect::Absent)])
+        .kv_write(vec![
+            KvWrite::put("k", b"one".to_vec()).expect(KvExpect::Absent)
+        ])
         .await
         .unwrap();
     assert_eq!(v, vec![1]);
     let err = bus
-        .kv_write(vec![KvWrite::put("k", b"again".to_vec()).expect(KvExpect::Absent)])
+        .kv_write(vec![
+            KvWrite::put("k", b"again".to_vec()).expect(KvExpect::Absent)
+        ])
         .await
         .unwrap_err();
     assert!(
@@ -229,7 +244,9 @@ pub async fn key_value_compare_and_set_and_expiry(h: &dyn Harness) {
         "{err:?}"
     );
     let v = bus
-        .kv_write(vec![KvWrite::put("k", b"two".to_vec()).expect(KvExpect::Version(1))])
+        .kv_write(vec![
+            KvWrite::put("k", b"two".to_vec()).expect(KvExpect::Version(1))
+        ])
         .await
         .unwrap();
     assert_eq!(v, vec![2]);
@@ -243,7 +260,10 @@ pub async fn key_value_compare_and_set_and_expiry(h: &dyn Harness) {
         ])
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict(Conflict::Key { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Conflict(Conflict::Key { .. })),
+        "{err:?}"
+    );
     assert!(bus.kv_get("other").await.unwrap().is_none());
     assert_eq!(bus.kv_get("k").await.unwrap().unwrap().version, 2);
     // Deletes.
@@ -263,9 +283,11 @@ pub async fn key_value_compare_and_set_and_expiry(h: &dyn Harness) {
     assert!(bus.kv_get("ttl/a").await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(bus.kv_get("ttl/a").await.unwrap().is_none());
-    bus.kv_write(vec![KvWrite::put("ttl/a", b"b".to_vec()).expect(KvExpect::Absent)])
-        .await
-        .unwrap();
+    bus.kv_write(vec![
+        KvWrite::put("ttl/a", b"b".to_vec()).expect(KvExpect::Absent)
+    ])
+    .await
+    .unwrap();
     bus.kv_write(vec![
         KvWrite::put("ttl/gone", b"g".to_vec()).ttl(Duration::from_millis(10))
     ])
@@ -328,7 +350,10 @@ pub async fn key_value_writes_commit_with_events_atomically(h: &dyn Harness) {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict(Conflict::Key { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Conflict(Conflict::Key { .. })),
+        "{err:?}"
+    );
     let err = bus
         .commit(
             Commit::new()
@@ -337,7 +362,10 @@ pub async fn key_value_writes_commit_with_events_atomically(h: &dyn Harness) {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict(Conflict::Stream { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Conflict(Conflict::Stream { .. })),
+        "{err:?}"
+    );
     assert!(bus.kv_get("inbox/m2").await.unwrap().is_none());
     assert_eq!(bus.stats().await.unwrap().messages, 1);
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -365,7 +393,10 @@ pub async fn streams_and_keys_survive_a_restart(h: &dyn Harness) {
             .len(),
         2
     );
-    assert_eq!(bus.kv_get("snap/order-1").await.unwrap().unwrap().value, b"{}");
+    assert_eq!(
+        bus.kv_get("snap/order-1").await.unwrap().unwrap().value,
+        b"{}"
+    );
     bus.commit(Commit::new().stream("order-1", ExpectedVersion::Exact(2), [ev(3)]))
         .await
         .unwrap();
