@@ -1,0 +1,1 @@
+//! Compensating transacts.
