@@ -432,7 +432,6 @@ impl Runner {
         };
         self.cp.position = last;
         self.cp.kv_version = versions.last().copied();
-        self.checkpoint.send_replace(last);
         let lag = if full {
             match self.store.head_position(last).await {
                 Ok(head) => head.saturating_sub(last),
@@ -442,6 +441,7 @@ impl Runner {
             0
         };
         self.shared.lag.store(lag, Ordering::Relaxed);
+        self.checkpoint.send_replace(last);
         tracing::debug!(projection = %self.name, checkpoint = last, lag, events = events.len(), "projected a page");
         Ok(Step::Advanced)
     }
