@@ -145,7 +145,7 @@ impl EventStore {
         expected: ExpectedVersion,
         events: &[E],
     ) -> Result<Appended, Error> {
-        let events: Vec<Event> = events.iter().map(|e| self.event_of(e)).collect();
+        let events: Vec<Event> = events.iter().map(DomainEvent::to_event).collect();
         self.append(stream, expected, events).await
     }
 
