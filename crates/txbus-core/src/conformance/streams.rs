@@ -142,8 +142,18 @@ pub async fn several_streams_commit_atomically_or_not_at_all(h: &dyn Harness) {
     assert_eq!(bus.stream_version("a").await.unwrap(), 1);
     assert_eq!(bus.stream_version("c").await.unwrap(), 0);
     assert_eq!(bus.stats().await.unwrap().messages, 4);
-    // The log holds the stream events as ordinary messages, in order.
-    let log = bus.read_log(0, 10).await.unwrap();
+    // The log holds the stream events as ordinary messages, in order. Some stores seal the
+    // log shortly after a commit returns (PostgreSQL does): wait until it is there.
+    let log = within(async {
+        loop {
+            let log = bus.read_log(0, 10).await.unwrap();
+            if !log.is_empty() {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].messages.len(), 4);
     assert_eq!(log[0].messages[1].headers.stream.as_deref(), Some("b"));
