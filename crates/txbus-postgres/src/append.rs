@@ -1,11 +1,18 @@
-//! Appending the commits of one batch: their rows (with data hashes, unsealed), their messages
-//! and their deliveries, in one statement, and the announcement of the work they bring.
+//! Appending the commits of one transaction: their rows (with data hashes, unsealed), their
+//! messages, their deliveries and their stream versions, in one statement, and the
+//! announcement of the work they bring; with the key writes of the transaction when it has
+//! any, after their conditions were checked (see [`crate::condition`]).
+//!
+//! A transaction whose commits have no stream and no key writes runs that one statement and
+//! nothing else.
 
 use sqlx::PgConnection;
 use txbus_core::chain::{self, Hash};
-use txbus_core::store::{AppendReceipt, Error, LogMessage, NewCommit};
+use txbus_core::kv::KvWrite;
+use txbus_core::store::{AppendReceipt, Conflict, Error, LogMessage, NewCommit};
 use txbus_core::Outcome;
 
+use crate::condition::{self, Granted, Input};
 use crate::error::db;
 use crate::pg_uuid::PgUuid;
 use crate::row::{int, unsigned};
@@ -44,7 +51,19 @@ WITH cid AS MATERIALIZED (
                      $24::UUID[])
               WITH ORDINALITY AS v(commit_o, idx, handler, status, fence, owner, o)
          JOIN cid ON cid.o = v.commit_o
-         JOIN did ON did.o = v.o)
+         JOIN did ON did.o = v.o)";
+
+/// The stream rows, added to [`APPEND`] only when the transaction has any.
+const STREAMS: &str = ",
+     st AS (
+         INSERT INTO {s}.streams (stream, version, commit_id, idx)
+         SELECT v.stream, v.version, cid.id, v.idx
+         FROM UNNEST($26::INT[], $27::TEXT[], $28::BIGINT[], $29::INT[])
+              AS v(commit_o, stream, version, idx)
+         JOIN cid ON cid.o = v.commit_o)";
+
+/// What [`APPEND`] returns: the ids, in order.
+const RETURNING: &str = "
 SELECT ARRAY(SELECT id FROM cid ORDER BY o), ARRAY(SELECT id FROM did ORDER BY o)
 FROM pg_notify($25, '')";
 
@@ -62,12 +81,108 @@ pub(crate) fn data_hash(c: &NewCommit) -> Hash {
     )
 }
 
-/// Appends `commits` (each with its data hash) in the caller's transaction, announces work,
-/// and returns the receipts in order.
-pub(crate) async fn append_all(
+/// One stream row of a transaction: the commit's place in the transaction's list, the stream,
+/// the version, the message's index in its commit.
+type StreamRow<'a> = (usize, &'a str, i64, i32);
+
+/// One write of a transaction: a commit (with its data hash) or a batch of key writes.
+#[derive(Clone, Copy)]
+pub(crate) enum Write<'a> {
+    Commit(&'a NewCommit, &'a Hash),
+    Kv(&'a [KvWrite]),
+}
+
+impl<'a> Write<'a> {
+    /// Its conditions, when it has any.
+    fn conditions(self) -> Option<Input<'a>> {
+        let input = match self {
+            Write::Commit(c, _) => Input {
+                streams: &c.streams,
+                kv: &c.kv,
+            },
+            Write::Kv(kv) => Input { streams: &[], kv },
+        };
+        (!input.streams.is_empty() || !input.kv.is_empty()).then_some(input)
+    }
+}
+
+/// What a write wrote.
+pub(crate) enum Written {
+    Commit(AppendReceipt),
+    /// Each key's new version (0 for a delete).
+    Kv(Vec<u64>),
+}
+
+/// Writes `writes` in the caller's transaction, in order, and returns each one's result: what
+/// it wrote, or the conflict that refused it (a refused write leaves nothing; the others are
+/// written all the same). An error means the transaction must not commit.
+pub(crate) async fn write(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    writes: &[Write<'_>],
+    now: i64,
+) -> Result<Vec<Result<Written, Conflict>>, Error> {
+    let conditional: Vec<(usize, Input<'_>)> = writes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.conditions().map(|c| (i, c)))
+        .collect();
+    let mut verdicts: Vec<Option<Result<Granted<'_>, Conflict>>> =
+        writes.iter().map(|_| None).collect();
+    let mut keys = std::collections::BTreeMap::new();
+    if !conditional.is_empty() {
+        let inputs: Vec<Input<'_>> = conditional.iter().map(|(_, c)| *c).collect();
+        let plan = condition::plan(conn, schema, &inputs, now).await?;
+        for ((i, _), verdict) in conditional.iter().zip(plan.verdicts) {
+            verdicts[*i] = Some(verdict);
+        }
+        keys = plan.keys;
+    }
+
+    let mut commits: Vec<(&NewCommit, &Hash)> = Vec::with_capacity(writes.len());
+    let mut stream_rows: Vec<StreamRow<'_>> = Vec::new();
+    for (w, verdict) in writes.iter().zip(&verdicts) {
+        if let (Write::Commit(c, hash), None | Some(Ok(_))) = (w, verdict) {
+            if let Some(Ok(granted)) = verdict {
+                let k = commits.len();
+                stream_rows.extend(granted.streams.iter().map(|&(s, v, i)| (k, s, v, i)));
+            }
+            commits.push((c, hash));
+        }
+    }
+    let mut receipts = if commits.is_empty() {
+        Vec::new()
+    } else {
+        append_all(conn, schema, &commits, &stream_rows, now).await?
+    }
+    .into_iter();
+    crate::kv::write(conn, schema, &keys).await?;
+
+    writes
+        .iter()
+        .zip(verdicts)
+        .map(|(w, verdict)| {
+            Ok(match (w, verdict) {
+                (_, Some(Err(conflict))) => Err(conflict),
+                (Write::Commit(..), _) => {
+                    Ok(Written::Commit(receipts.next().ok_or_else(|| {
+                        Error::Corrupt("a commit of the batch got no receipt".into())
+                    })?))
+                }
+                (Write::Kv(_), Some(Ok(granted))) => Ok(Written::Kv(granted.versions)),
+                (Write::Kv(_), None) => Ok(Written::Kv(Vec::new())),
+            })
+        })
+        .collect()
+}
+
+/// Appends `commits` (each with its data hash) and their stream rows in the caller's
+/// transaction, announces work, and returns the receipts in order.
+async fn append_all(
     conn: &mut PgConnection,
     schema: &Schema,
     commits: &[(&NewCommit, &Hash)],
+    streams: &[StreamRow<'_>],
     now: i64,
 ) -> Result<Vec<AppendReceipt>, Error> {
     let delivery_count: usize = commits.iter().map(|(c, _)| c.deliveries.len()).sum();
@@ -138,7 +253,22 @@ pub(crate) async fn append_all(
         }
     }
 
-    let (commit_ids, delivery_ids): (Vec<i64>, Vec<i64>) = sqlx::query_as(&schema.sql(APPEND))
+    let sql = if streams.is_empty() {
+        schema.sql(&[APPEND, RETURNING].concat())
+    } else {
+        schema.sql(&[APPEND, STREAMS, RETURNING].concat())
+    };
+    let mut s_commit = Vec::with_capacity(streams.len());
+    let mut s_stream = Vec::with_capacity(streams.len());
+    let mut s_version = Vec::with_capacity(streams.len());
+    let mut s_idx = Vec::with_capacity(streams.len());
+    for &(k, stream, version, idx) in streams {
+        s_commit.push(count(k + 1));
+        s_stream.push(stream);
+        s_version.push(version);
+        s_idx.push(idx);
+    }
+    let mut query = sqlx::query_as(&sql)
         .bind(count(commits.len()))
         .bind(count(delivery_count))
         .bind(&c_op)
@@ -163,7 +293,15 @@ pub(crate) async fn append_all(
         .bind(&d_fence)
         .bind(now)
         .bind(&d_owner)
-        .bind(&schema.work_channel)
+        .bind(&schema.work_channel);
+    if !streams.is_empty() {
+        query = query
+            .bind(&s_commit)
+            .bind(&s_stream)
+            .bind(&s_version)
+            .bind(&s_idx);
+    }
+    let (commit_ids, delivery_ids): (Vec<i64>, Vec<i64>) = query
         .fetch_one(&mut *conn)
         .await
         .map_err(db("appending commits"))?;

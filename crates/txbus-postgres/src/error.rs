@@ -64,10 +64,23 @@ pub(crate) fn is_conflict(e: &Error) -> bool {
     matches!(code(e).as_deref(), Some("40P01" | "40001"))
 }
 
+/// True when a stream version was already taken (a unique violation on the streams table):
+/// the stream moved on, and checking the conditions again finds by how much.
+pub(crate) fn is_stream_taken(e: &Error) -> bool {
+    match sqlx_error(e) {
+        Some(sqlx::Error::Database(d)) => {
+            d.code().as_deref() == Some("23505") && d.constraint() == Some("streams_pkey")
+        }
+        _ => false,
+    }
+}
+
 /// A copy of an error for each of several callers that share one failure.
 pub(crate) fn shared(e: &Error) -> Error {
     match e {
         Error::Closed => Error::Closed,
+        Error::Conflict(c) => Error::Conflict(c.clone()),
+        Error::Invalid(m) => Error::Invalid(m.clone()),
         Error::Corrupt(m) => Error::Corrupt(m.clone()),
         Error::SchemaTooNew { found, supported } => Error::SchemaTooNew {
             found: *found,

@@ -40,15 +40,19 @@ mod append;
 mod claim;
 mod clock;
 mod complete;
+mod condition;
 mod context;
 mod error;
+mod kv;
 mod notify;
+mod outbox;
 mod pg_uuid;
 mod prune;
 mod read;
 mod row;
 mod schema;
 mod seal;
+mod stream;
 mod subscribe;
 mod writer;
 
@@ -65,7 +69,9 @@ use txbus_core::store::{
     DeadLetterQuery, Error, NewCommit, Notification, Notifications, OwnerId, Stats, Store,
     Subscription,
 };
-use txbus_core::{OperationId, OperationState, PruneReport, Retention};
+use txbus_core::{
+    Direction, KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention, StreamEvent,
+};
 
 use crate::context::Shared;
 use crate::error::db;
@@ -318,9 +324,11 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for PostgresStore {
     async fn append(&self, commit: NewCommit) -> Result<AppendReceipt, Error> {
+        condition::check_commit(&commit)?;
         let hash = append::data_hash(&commit);
         match self.call(Op::Append(commit, hash)).await? {
             Out::Append(r) => Ok(r),
+            Out::Conflict(c) => Err(Error::Conflict(c)),
             _ => Err(unexpected()),
         }
     }
@@ -394,6 +402,7 @@ impl Store for PostgresStore {
             total.succeeded += step.report.succeeded;
             total.failed += step.report.failed;
             total.outcomes += step.report.outcomes;
+            total.expired_keys += step.report.expired_keys;
             if !step.more {
                 return Ok(total);
             }
@@ -412,6 +421,58 @@ impl Store for PostgresStore {
     async fn stats(&self) -> Result<Stats, Error> {
         let shared = self.open()?;
         read::stats(&shared.pool, &shared.schema).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<StreamEvent>, Error> {
+        let shared = self.open()?;
+        stream::read(&shared.pool, &shared.schema, stream, from, direction, limit).await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<u64, Error> {
+        let shared = self.open()?;
+        stream::version(&shared.pool, &shared.schema, stream).await
+    }
+
+    async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, Error> {
+        let shared = self.open()?;
+        kv::get(&shared.pool, &shared.schema, key, clock::now_ms()).await
+    }
+
+    async fn kv_write(&self, writes: Vec<KvWrite>) -> Result<Vec<u64>, Error> {
+        condition::check_writes(&writes)?;
+        if writes.is_empty() {
+            self.open()?;
+            return Ok(Vec::new());
+        }
+        match self.call(Op::Kv(writes)).await? {
+            Out::Kv(versions) => Ok(versions),
+            Out::Conflict(c) => Err(Error::Conflict(c)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn kv_scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KvEntry>, Error> {
+        let shared = self.open()?;
+        kv::scan(
+            &shared.pool,
+            &shared.schema,
+            prefix,
+            after,
+            limit,
+            clock::now_ms(),
+        )
+        .await
     }
 
     fn is_shared(&self) -> bool {

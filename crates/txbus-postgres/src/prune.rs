@@ -1,5 +1,5 @@
-//! Retention: removing finished deliveries and outcomes beyond their bounds, exactly, in
-//! bounded steps.
+//! Retention: removing finished deliveries and outcomes beyond their bounds, exactly, and
+//! expired keys, in bounded steps.
 //!
 //! The bounds are worked out once per pass on the pool: by count, the row beyond the newest
 //! `max_count`; by age, the cutoff time. Then the writer lanes remove what lies beyond them,
@@ -33,6 +33,8 @@ pub(crate) struct Bounds {
     outcomes_upto: Option<i64>,
     /// Outcomes of operations finished before this are too old.
     outcomes_before: i64,
+    /// Keys that expired before this are removed.
+    keys_expired_by: i64,
 }
 
 /// One step's result.
@@ -89,6 +91,7 @@ pub(crate) async fn bounds(
         failed_before: now.saturating_sub(ms(r.failed.max_age)),
         outcomes_upto,
         outcomes_before: now.saturating_sub(ms(r.outcomes.max_age)),
+        keys_expired_by: now,
     })
 }
 
@@ -113,7 +116,7 @@ pub(crate) async fn step(
     schema: &Schema,
     b: &Bounds,
 ) -> Result<Step, Error> {
-    let mut removed = [0u64; 6];
+    let mut removed = [0u64; 7];
     if let Some(upto) = b.succeeded_upto {
         removed[0] = chunk(
             conn,
@@ -187,12 +190,26 @@ pub(crate) async fn step(
         "pruning outcomes by age",
     )
     .await?;
+    // Expired keys read as absent already; removing them only reclaims the space. A key that
+    // a writer holds right now is left for a later pass.
+    removed[6] = chunk(
+        conn,
+        &schema.sql(
+            "DELETE FROM {s}.kv WHERE key IN (
+                 SELECT key FROM {s}.kv WHERE expires_at <= $1
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        ),
+        (b.keys_expired_by, None),
+        "pruning expired keys",
+    )
+    .await?;
     let full = u64::try_from(CHUNK).unwrap_or(u64::MAX);
     Ok(Step {
         report: PruneReport {
             succeeded: removed[0] + removed[1],
             failed: removed[2] + removed[3],
             outcomes: removed[4] + removed[5],
+            expired_keys: removed[6],
         },
         more: removed.iter().any(|&n| n >= full),
     })

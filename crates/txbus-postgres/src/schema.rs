@@ -47,6 +47,15 @@ pub(crate) struct Schema {
     pub(crate) seal_key: i64,
 }
 
+/// What a transaction-scoped advisory lock of the store guards.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Guarded {
+    /// Appends to one stream.
+    Stream,
+    /// Writes of one key.
+    Key,
+}
+
 /// FNV-1a: stable across processes, platforms and Rust versions, which the lock keys must be.
 fn fnv1a(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -99,6 +108,17 @@ impl Schema {
     /// The schema name as given.
     pub(crate) fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The advisory lock key that serializes the writers of one stream or one key of this
+    /// schema, in every process: a condition checked under it holds until the transaction ends.
+    /// Two names that share a key only wait for each other.
+    pub(crate) fn lock_key(&self, what: Guarded, name: &str) -> i64 {
+        let kind = match what {
+            Guarded::Stream => "stream:",
+            Guarded::Key => "key:",
+        };
+        i64::from_ne_bytes(fnv1a(&["txbus:", kind, &self.name, ":", name]).to_ne_bytes())
     }
 
     /// `template` with every `{s}` replaced by the quoted schema name.
@@ -180,6 +200,28 @@ VALUES (true, 0, decode(repeat('00', 32), 'hex'));
     // Times the lease of a delivery was taken from a bus that stopped without releasing it.
     r#"
 ALTER TABLE {s}.deliveries ADD COLUMN interruptions INT NOT NULL DEFAULT 0;
+"#,
+    // Streams (which message of which commit is each version of a stream) and the key-value
+    // space. Writers check their conditions under advisory locks; the primary keys are the last
+    // word: a version or a key is taken once, whatever process writes it.
+    r#"
+CREATE TABLE {s}.streams (
+    stream    TEXT   NOT NULL,
+    version   BIGINT NOT NULL,
+    commit_id BIGINT NOT NULL,
+    idx       INT    NOT NULL,
+    PRIMARY KEY (stream, version)
+);
+
+-- Keys compare byte by byte, so that scans list them in the order every store uses.
+CREATE TABLE {s}.kv (
+    key        TEXT COLLATE "C" PRIMARY KEY,
+    value      BYTEA  NOT NULL,
+    version    BIGINT NOT NULL,
+    expires_at BIGINT
+);
+-- What pruning removes, without walking every key.
+CREATE INDEX kv_expiry ON {s}.kv (expires_at) WHERE expires_at IS NOT NULL;
 "#,
 ];
 
@@ -271,5 +313,17 @@ mod tests {
         let long = Schema::new(&"a".repeat(63)).expect("a valid name");
         assert!(long.subscriptions_channel.len() <= 63);
         assert_ne!(long.work_channel, long.finished_channel);
+    }
+
+    #[test]
+    fn lock_keys_differ_by_schema_kind_and_name() {
+        use super::Guarded;
+        let a = Schema::new("a").expect("a valid name");
+        let b = Schema::new("b").expect("a valid name");
+        let k = a.lock_key(Guarded::Stream, "order-1");
+        assert_eq!(k, a.lock_key(Guarded::Stream, "order-1"));
+        assert_ne!(k, b.lock_key(Guarded::Stream, "order-1"));
+        assert_ne!(k, a.lock_key(Guarded::Key, "order-1"));
+        assert_ne!(k, a.lock_key(Guarded::Stream, "order-2"));
     }
 }

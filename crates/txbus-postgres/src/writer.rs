@@ -15,13 +15,16 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 use txbus_core::chain::Hash;
-use txbus_core::store::{AppendReceipt, Completion, CompletionEffect, Error, NewCommit, OwnerId};
+use txbus_core::kv::KvWrite;
+use txbus_core::store::{
+    AppendReceipt, Completion, CompletionEffect, Conflict, Error, NewCommit, OwnerId,
+};
 
-use crate::append::append_all;
+use crate::append::{self, Write, Written};
 use crate::clock::now_ms;
 use crate::complete::complete_all;
 use crate::context::Shared;
-use crate::error::{db, is_conflict, is_connection_lost, shared};
+use crate::error::{db, is_conflict, is_connection_lost, is_stream_taken, shared};
 use crate::pg_uuid::PgUuid;
 use crate::prune::{self, Bounds, Step};
 
@@ -29,6 +32,8 @@ use crate::prune::{self, Bounds, Step};
 pub(crate) enum Op {
     /// A commit and its data hash (computed by the caller's task, not the lane's).
     Append(NewCommit, Hash),
+    /// Key writes, all or none.
+    Kv(Vec<KvWrite>),
     Complete(Vec<Completion>),
     Heartbeat(OwnerId),
     Release(OwnerId),
@@ -39,6 +44,10 @@ pub(crate) enum Op {
 /// A write's result.
 pub(crate) enum Out {
     Append(AppendReceipt),
+    /// Each key's new version.
+    Kv(Vec<u64>),
+    /// The write's condition did not hold; it wrote nothing (the rest of its batch did).
+    Conflict(Conflict),
     Complete(Vec<CompletionEffect>),
     Count(u64),
     Flag(bool),
@@ -56,6 +65,7 @@ impl Op {
     fn rows(&self) -> usize {
         match self {
             Op::Append(c, _) => 1 + c.messages.len() + c.deliveries.len(),
+            Op::Kv(w) => w.len(),
             Op::Complete(c) => c.len(),
             _ => 1,
         }
@@ -196,7 +206,11 @@ async fn attempt(
                 tracing::info!(error = %failed.error, "a writer lane lost its connection; running the batch again on a new one");
                 continue;
             }
-        } else if is_conflict(&failed.error) && conflicts < CONFLICT_RETRIES {
+        } else if (is_conflict(&failed.error) || is_stream_taken(&failed.error))
+            && conflicts < CONFLICT_RETRIES
+        {
+            // A stream version taken behind the locks' back: the next round reads it and
+            // answers the conflict with the stream's actual version.
             conflicts += 1;
             tokio::time::sleep(Duration::from_millis(conflict_pause_ms(conflicts))).await;
             continue;
@@ -264,21 +278,28 @@ async fn apply(
     let mut work = false;
     let mut finished: Vec<String> = Vec::new();
 
-    let (at, commits): (Vec<usize>, Vec<(&NewCommit, &Hash)>) = batch
+    let (at, writes): (Vec<usize>, Vec<Write<'_>>) = batch
         .iter()
         .enumerate()
         .filter_map(|(i, r)| match &r.op {
-            Op::Append(c, hash) => Some((i, (c, hash))),
+            Op::Append(c, hash) => Some((i, Write::Commit(c, hash))),
+            Op::Kv(w) => Some((i, Write::Kv(w))),
             _ => None,
         })
         .unzip();
-    if !commits.is_empty() {
-        let receipts = append_all(conn, schema, &commits, now).await?;
-        for (i, receipt) in at.into_iter().zip(receipts) {
-            if let Some(outcome) = &receipt.finished {
-                finished.push(outcome.operation_id.to_string());
-            }
-            outs[i] = Some(Out::Append(receipt));
+    if !writes.is_empty() {
+        let results = append::write(conn, schema, &writes, now).await?;
+        for (i, result) in at.into_iter().zip(results) {
+            outs[i] = Some(match result {
+                Ok(Written::Commit(receipt)) => {
+                    if let Some(outcome) = &receipt.finished {
+                        finished.push(outcome.operation_id.to_string());
+                    }
+                    Out::Append(receipt)
+                }
+                Ok(Written::Kv(versions)) => Out::Kv(versions),
+                Err(conflict) => Out::Conflict(conflict),
+            });
         }
     }
 
@@ -359,7 +380,7 @@ async fn apply(
                 Out::Flag(n == 1)
             }
             Op::Prune(bounds) => Out::Prune(prune::step(conn, schema, bounds).await?),
-            Op::Append(..) | Op::Complete(_) | Op::Heartbeat(_) => continue,
+            Op::Append(..) | Op::Kv(_) | Op::Complete(_) | Op::Heartbeat(_) => continue,
         };
         outs[i] = Some(out);
     }

@@ -225,7 +225,11 @@ async fn processes_starting_together_migrate_once() {
     .fetch_all(&mut conn)
     .await
     .unwrap();
-    assert_eq!(versions, vec![1, 2], "every migration applied exactly once");
+    assert_eq!(
+        versions,
+        vec![1, 2, 3],
+        "every migration applied exactly once"
+    );
     conn.close().await.unwrap();
     for s in stores {
         s.close().await.unwrap();

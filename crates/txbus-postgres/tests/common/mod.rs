@@ -141,6 +141,8 @@ pub fn commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
             leased: true,
         }],
         lease_to,
+        streams: Vec::new(),
+        kv: Vec::new(),
     }
 }
 
