@@ -53,6 +53,12 @@ pub enum Error {
     /// Other writers kept moving the saga while this call tried to; try again.
     #[error("saga {0} kept changing under this call (too many conflicts); try again")]
     Contended(SagaId),
+    /// Stored compensation data could not be read back.
+    #[error("stored compensation data is unreadable: {0}")]
+    Unreadable(String),
+    /// The compensation registrations of an operation kept changing under this call.
+    #[error("the compensation registrations of operation {0} kept changing; try again")]
+    OperationContended(txbus_core::OperationId),
     /// The bus or its store failed.
     #[error(transparent)]
     Bus(#[from] txbus_core::Error),

@@ -43,7 +43,7 @@ pub const MAX_CORRELATION_ID_BYTES: usize = 256;
 /// ```
 #[derive(Clone)]
 pub struct Sagas {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Sagas {

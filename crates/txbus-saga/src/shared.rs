@@ -332,3 +332,87 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+    use txbus_core::Bus;
+
+    use crate::record::SagaEvent;
+    use crate::state::Pending;
+    use crate::{Saga, Sagas, Step, StepContext};
+
+    use super::*;
+
+    /// Two drivers that decided on the same version of a saga: only the first commit lands;
+    /// the second is refused by the stream's expected version, reads again, and finds
+    /// nothing left to do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_driver_at_the_same_version_cannot_advance_the_saga_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let saga = Saga::builder("dup")
+            .step(Step::action("hold", |_ctx: StepContext| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(json!(null))
+            }))
+            .step(Step::action("next", |_ctx: StepContext| async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(json!(null))
+            }))
+            .build()
+            .unwrap();
+        let sagas = Sagas::builder().saga(saga).build().unwrap();
+        let bus = sagas
+            .install(Bus::builder().store(txbus_sqlite::SqliteStore::open(dir.path().join("b.db")).unwrap()))
+            .build()
+            .await
+            .unwrap();
+        let runtime = sagas.attach(bus.clone());
+        let id = runtime.start("dup", json!({})).await.unwrap();
+        let shared = &sagas.shared;
+        let base = shared.get(&bus, &id).await.unwrap().unwrap();
+        let Some(Pending::Step { index: 0, request, .. }) = base.pending.clone() else {
+            panic!("the saga waits for its first step");
+        };
+        let def = shared.def("dup").unwrap();
+        let completion = || SagaEvent::StepCompleted {
+            step: 0,
+            name: "hold".into(),
+            output: json!(1),
+            attempts: 1,
+        };
+
+        let mut first = Plan::new(def, &base, Some(request), 1);
+        first.push(completion()).unwrap();
+        first.follow_on().unwrap();
+        let mut second = Plan::new(def, &base, Some(request), 2);
+        second.push(completion()).unwrap();
+        second.follow_on().unwrap();
+
+        assert!(shared.commit(&bus, first).await.unwrap().is_some());
+        assert!(shared.commit(&bus, second).await.unwrap().is_none(), "refused: the saga moved");
+
+        // Through `drive`, the late driver reads again and does nothing.
+        let driven = shared
+            .drive(&bus, &id, Some(request), Some(request), |plan| {
+                if plan.base().is_some_and(|s| s.awaits(request)) {
+                    plan.push(completion())?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert!(matches!(driven, Driven::Skipped));
+
+        let stream = bus.read_stream(&id.stream(), 1, Direction::Forward, 100).await.unwrap();
+        let completions = stream
+            .iter()
+            .filter(|e| e.message.event_type == "saga.step-completed")
+            .count();
+        assert_eq!(completions, 1);
+        assert_eq!(stream.len(), 4, "started, requested, completed, next requested");
+        bus.shutdown(Duration::from_secs(1)).await.unwrap();
+    }
+}

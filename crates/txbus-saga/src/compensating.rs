@@ -1,1 +1,0 @@
-//! Compensating transacts.
