@@ -17,6 +17,14 @@
 //!   subscribed in other processes right away ([`Store::notifications`]).
 //! - Handler subscriptions are kept in the database, so a commit made in one process creates
 //!   deliveries for the handlers of every process ([`Store::is_shared`]).
+//! - Streams and the key–value space: a commit's stream expectations and key conditions are
+//!   checked inside its transaction, under a lock per stream and per key that writers in every
+//!   process take, so two appends never take one version; a condition that fails refuses its
+//!   own commit only, and the rest of its batch commits. Stream events are read by version as
+//!   soon as their commit is, sealed or not.
+//! - The transactional outbox: [`PostgresStore::append_in`] writes a commit inside the
+//!   caller's own transaction, so that a service's business rows and its events commit or roll
+//!   back together.
 //!
 //! Connections: the pool (see [`PostgresOptions::max_connections`]; the notification listener
 //! holds one of its connections), plus one connection of its own per writer lane and one for

@@ -11,33 +11,7 @@
 //! exactly when the commit does), the sealer gives it its log position, and its outcome can be
 //! read or waited for by operation id. If the service rolls back, nothing of it ever existed.
 //!
-//! ```no_run
-//! # async fn run(
-//! #     pool: sqlx::PgPool,
-//! #     store: txbus_postgres::PostgresStore,
-//! #     bus: txbus_core::Bus,
-//! # ) -> Result<(), Box<dyn std::error::Error>> {
-//! use serde_json::json;
-//! use txbus_core::{Commit, Event, ExpectedVersion};
-//!
-//! let mut tx = pool.begin().await?;
-//! sqlx::query("INSERT INTO shop.orders (id, total_cents) VALUES ($1, $2)")
-//!     .bind(42_i64)
-//!     .bind(1999_i64)
-//!     .execute(&mut *tx)
-//!     .await?;
-//! let commit = bus.prepare(Commit::new().stream(
-//!     "order-42",
-//!     ExpectedVersion::NoStream,
-//!     [Event::new("order.placed", json!({"id": 42, "total_cents": 1999}))],
-//! ))?;
-//! let operation = commit.operation_id;
-//! store.append_in(&mut tx, commit).await?;
-//! tx.commit().await?; // the order and its events, together
-//!
-//! let outcome = bus.wait(operation).await?; // every handler has run
-//! # let _ = outcome; Ok(()) }
-//! ```
+//! [`PostgresStore::append_in`] shows it in code.
 
 use sqlx::{Connection, PgConnection};
 use txbus_core::store::{AppendReceipt, Error, NewCommit};
@@ -57,6 +31,34 @@ impl PostgresStore {
     /// Writes `commit` inside the caller's open transaction on `conn` (pass `&mut tx` of a
     /// `sqlx::Transaction`), in a savepoint of its own. Take the commit from
     /// [`Bus::prepare`](txbus_core::Bus::prepare) on a bus of this store.
+    ///
+    /// ```no_run
+    /// # async fn run(
+    /// #     pool: sqlx::PgPool,
+    /// #     store: txbus_postgres::PostgresStore,
+    /// #     bus: txbus_core::Bus,
+    /// # ) -> Result<(), Box<dyn std::error::Error>> {
+    /// use serde_json::json;
+    /// use txbus_core::{Commit, Event, ExpectedVersion};
+    ///
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("INSERT INTO shop.orders (id, total_cents) VALUES ($1, $2)")
+    ///     .bind(42_i64)
+    ///     .bind(1999_i64)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// let commit = bus.prepare(Commit::new().stream(
+    ///     "order-42",
+    ///     ExpectedVersion::NoStream,
+    ///     [Event::new("order.placed", json!({"id": 42, "total_cents": 1999}))],
+    /// ))?;
+    /// let operation = commit.operation_id;
+    /// store.append_in(&mut tx, commit).await?;
+    /// tx.commit().await?; // the order and its events, together
+    ///
+    /// let outcome = bus.wait(operation).await?; // every handler has run
+    /// # let _ = outcome; Ok(()) }
+    /// ```
     ///
     /// Everything the commit holds — its row, messages, deliveries, stream versions and key
     /// writes — becomes visible when the caller commits, and vanishes if it rolls back. Its

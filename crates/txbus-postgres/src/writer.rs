@@ -2,8 +2,10 @@
 //! every request waiting (up to a batch), commits them all in one transaction on its own
 //! connection, and answers each once the transaction is committed.
 //!
-//! Several lanes keep the database busy while one waits for its commit to be flushed. If a
-//! batch fails because of one request, each is run again alone so only that one fails. If the
+//! Several lanes keep the database busy while one waits for its commit to be flushed. A write
+//! whose condition (a stream's expected version, a key's) does not hold is answered with its
+//! conflict and the rest of the batch commits. If a batch fails because of one request, each is
+//! run again alone so only that one fails. If the
 //! connection was lost before COMMIT was sent, nothing was written and the batch runs again on
 //! a new connection; if it was lost during COMMIT, the result is unknown and the callers are
 //! told so.
