@@ -1,0 +1,69 @@
+//! What can go wrong with a command.
+
+use crate::http::BoxError;
+
+/// Why a command did not produce its output.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No handler is registered for the command's type.
+    #[error(
+        "no handler for command {name:?}: register one with CommandBus::builder().handler(..)"
+    )]
+    NoHandler {
+        /// The command's name.
+        name: &'static str,
+    },
+    /// Two handlers were registered for one command type.
+    #[error("command {name:?} has two handlers; register exactly one handler per command type")]
+    DuplicateHandler {
+        /// The command's name.
+        name: &'static str,
+    },
+    /// The command failed validation; it did not run.
+    #[error("command {name:?} is invalid, it did not run: {reason}")]
+    Invalid {
+        /// The command's name.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The handler refused the command: a business rule does not allow it. Retrying the same
+    /// command will not help.
+    #[error("command rejected: {reason}")]
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// The handler failed for another reason (the store, a conflict that outlived its
+    /// retries, …); retrying may help.
+    #[error("command failed: {0}")]
+    Failed(#[source] BoxError),
+    /// The command's idempotency key did not let it run (used for another command, or the
+    /// first run is still in progress).
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::Error),
+    /// The command or its output could not be serialized, or a stored output read back.
+    #[error("command {name:?}: serializing its input or output failed: {source}")]
+    Codec {
+        /// The command's name.
+        name: &'static str,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A refusal by a business rule, with the reason the caller sees.
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        Self::Rejected {
+            reason: reason.into(),
+        }
+    }
+
+    /// Any other failure of the handler.
+    pub fn failed(error: impl Into<BoxError>) -> Self {
+        Self::Failed(error.into())
+    }
+}
