@@ -11,8 +11,10 @@
 //!   in progress, expiry).
 //! - [`http`]: the `Idempotency-Key` layer for axum and other tower-based servers.
 //!
-//! ```no_run
-//! # async fn run(bus: txbus_core::Bus) -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
 //! use serde::{Deserialize, Serialize};
 //! use txbus_cqrs::command::{Command, CommandBus, Envelope, Error, Idempotent, Tracing, Validation};
 //! use txbus_cqrs::idempotency::{Idempotency, Options};
@@ -25,6 +27,8 @@
 //!     const NAME: &'static str = "payment.pay";
 //! }
 //!
+//! let store = txbus_sqlite::SqliteStore::open(dir.path().join("bus.db"))?;
+//! let bus = txbus_core::Bus::builder().store(store).build().await?;
 //! let keys = Idempotency::new(bus.clone(), Options::default());
 //! let commands = CommandBus::builder()
 //!     .middleware(Tracing)
@@ -37,6 +41,7 @@
 //! assert_eq!(first, again); // the handler ran once
 //!
 //! // And for HTTP: `Router::new().route(..).layer(txbus_cqrs::http::IdempotencyLayer::new(keys))`
+//! # bus.shutdown(std::time::Duration::from_secs(5)).await?;
 //! # Ok(()) }
 //! ```
 
