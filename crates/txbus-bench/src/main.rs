@@ -7,6 +7,9 @@
 //!
 //! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `raw-postgres`,
 //! `pending-memory`, `all`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
+//!
+//! Event sourcing (`txbus-es`): `append`, `append-batch-100`, `load-aggregate-10k`, and `es`
+//! for the three.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -14,6 +17,7 @@
     clippy::expect_used
 )]
 
+mod es;
 mod raw_postgres;
 mod raw_sqlite;
 mod report;
@@ -99,6 +103,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    if let Some(result) = rt.block_on(es::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = rt.block_on(scenarios::run(&args));
     if let Err(e) = result {
         eprintln!("txbus-bench: {e}");
