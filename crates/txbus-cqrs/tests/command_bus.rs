@@ -80,7 +80,7 @@ impl Deposits {
             release.wait().await;
         }
         match d.account.as_str() {
-            "frozen" => Err(Error::rejected("the account is frozen")),
+            "frozen" => Err(Error::rejected_as("frozen", "the account is frozen")),
             "flaky" if !self.flaked.swap(true, Ordering::SeqCst) => {
                 Err(Error::failed("the ledger is unreachable"))
             }
@@ -388,7 +388,7 @@ async fn a_rejection_is_replayed_but_a_failure_lets_the_repeat_run() {
     for _ in 0..2 {
         let err = bus.send(deposit("frozen", 5, "f")).await.unwrap_err();
         assert!(
-            matches!(&err, Error::Rejected { reason } if reason == "the account is frozen"),
+            matches!(&err, Error::Rejected { code, reason } if code == "frozen" && reason == "the account is frozen"),
             "{err}"
         );
     }

@@ -30,9 +30,12 @@ pub enum Error {
     },
     /// The handler refused the command: a business rule does not allow it. Retrying the same
     /// command will not help.
-    #[error("command rejected: {reason}")]
+    #[error("command rejected ({code}): {reason}")]
     Rejected {
-        /// Why.
+        /// A short, stable code for callers to match on (`too_many_items`); `rejected` when the
+        /// handler gave none.
+        code: String,
+        /// Why, for people.
         reason: String,
     },
     /// The handler failed for another reason (the store, a conflict that outlived its
@@ -55,9 +58,16 @@ pub enum Error {
 }
 
 impl Error {
-    /// A refusal by a business rule, with the reason the caller sees.
+    /// A refusal by a business rule, with the reason the caller sees (code `rejected`).
     pub fn rejected(reason: impl Into<String>) -> Self {
+        Self::rejected_as("rejected", reason)
+    }
+
+    /// A refusal by a business rule, with a code for callers to match on (an HTTP layer maps
+    /// codes to statuses) and the reason they see.
+    pub fn rejected_as(code: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Rejected {
+            code: code.into(),
             reason: reason.into(),
         }
     }

@@ -57,8 +57,15 @@ impl Middleware for Idempotent {
                         release(claim).await;
                     }
                 },
-                Err(Error::Rejected { reason }) => {
-                    complete(claim, StoredResponse::new(REJECTED, reason.clone())).await;
+                Err(Error::Rejected { code, reason }) => {
+                    let stored = Rejection {
+                        code: code.clone(),
+                        reason: reason.clone(),
+                    };
+                    match serde_json::to_vec(&stored) {
+                        Ok(json) => complete(claim, StoredResponse::new(REJECTED, json)).await,
+                        Err(_) => release(claim).await,
+                    }
                 }
                 Err(_) => release(claim).await,
             }
@@ -67,12 +74,27 @@ impl Middleware for Idempotent {
     }
 }
 
+/// A stored rejection.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Rejection {
+    code: String,
+    reason: String,
+}
+
 fn replay(stored: StoredResponse) -> Result<Reply, Error> {
     match stored.status {
         OUTPUT => Ok(Reply::stored(stored.body.to_vec())),
-        _ => Err(Error::Rejected {
-            reason: String::from_utf8_lossy(&stored.body).into_owned(),
-        }),
+        _ => {
+            let rejection: Rejection =
+                serde_json::from_slice(&stored.body).unwrap_or_else(|_| Rejection {
+                    code: "rejected".to_owned(),
+                    reason: String::from_utf8_lossy(&stored.body).into_owned(),
+                });
+            Err(Error::Rejected {
+                code: rejection.code,
+                reason: rejection.reason,
+            })
+        }
     }
 }
 
