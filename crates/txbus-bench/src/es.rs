@@ -101,7 +101,11 @@ async fn append(args: &Args, name: &str, batch: usize, target_p50_ms: f64) -> Re
     let store = EventStore::new(bus.clone());
     let stream = "counter-append";
     let mut version = 0u64;
-    let events = |n: u64| -> Vec<Incremented> { (0..batch as u64).map(|i| Incremented { by: n + i }).collect() };
+    let events = |n: u64| -> Vec<Incremented> {
+        (0..batch as u64)
+            .map(|i| Incremented { by: n + i })
+            .collect()
+    };
     // Warm up the page cache and prepared statements.
     for n in 0..50 {
         version = store
@@ -148,7 +152,11 @@ async fn load_aggregate(args: &Args) -> Result<(), BoxError> {
     let counters = Repository::<Counter>::new(store.clone());
     let stream = counters.stream_id("10k");
     for chunk in 0..EVENTS / 1000 {
-        let events: Vec<Incremented> = (0..1000).map(|i| Incremented { by: chunk * 1000 + i }).collect();
+        let events: Vec<Incremented> = (0..1000)
+            .map(|i| Incremented {
+                by: chunk * 1000 + i,
+            })
+            .collect();
         store
             .append_typed(&stream, ExpectedVersion::Exact(chunk * 1000), &events)
             .await?;
@@ -165,8 +173,13 @@ async fn load_aggregate(args: &Args) -> Result<(), BoxError> {
                 let t = Instant::now();
                 let loaded = counters.load("10k").await?;
                 lat.push(t.elapsed().as_nanos() as u64);
-                if loaded.state.count != EVENTS || loaded.state.sum != expect_sum || loaded.snapshot != snapshot {
-                    return Err::<Line, BoxError>(format!("{name}: loaded a wrong state: {loaded:?}").into());
+                if loaded.state.count != EVENTS
+                    || loaded.state.sum != expect_sum
+                    || loaded.snapshot != snapshot
+                {
+                    return Err::<Line, BoxError>(
+                        format!("{name}: loaded a wrong state: {loaded:?}").into(),
+                    );
                 }
             }
             Ok(line(name, lat, start.elapsed()))

@@ -154,7 +154,10 @@ async fn verify(db: &Path) {
             let mut out: BTreeMap<String, u64> = BTreeMap::new();
             let mut after: Option<String> = None;
             loop {
-                let page = bus.kv_scan(prefix, after.as_deref(), 500).await.expect("scan");
+                let page = bus
+                    .kv_scan(prefix, after.as_deref(), 500)
+                    .await
+                    .expect("scan");
                 let Some(last) = page.last() else { break };
                 after = Some(last.key.clone());
                 for e in page {
@@ -165,17 +168,17 @@ async fn verify(db: &Path) {
             out
         }
     };
-    say(
-        &json!({
-            "checkpoint_at_start": checkpoint_at_start,
-            "head": head,
-            "live": dump("rm/live/").await,
-            "rebuilt": dump("rm/rebuilt/").await,
-            "direct": direct,
-        })
-        .to_string(),
-    );
-    bus.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    say(&json!({
+        "checkpoint_at_start": checkpoint_at_start,
+        "head": head,
+        "live": dump("rm/live/").await,
+        "rebuilt": dump("rm/rebuilt/").await,
+        "direct": direct,
+    })
+    .to_string());
+    bus.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::main]

@@ -287,7 +287,13 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Writes a snapshot if the key is still as read; a failure only costs a later replay.
-    async fn write_snapshot(&self, stream: &str, state: &A, version: u64, expect: KvExpect) -> bool {
+    async fn write_snapshot(
+        &self,
+        stream: &str,
+        state: &A,
+        version: u64,
+        expect: KvExpect,
+    ) -> bool {
         let value = match snapshot::encode(state, version) {
             Ok(v) => v,
             Err(e) => {
@@ -351,10 +357,7 @@ impl<A: Aggregate> Repository<A> {
         let mut last = None;
         for attempt in 1..=self.max_attempts {
             let loaded = self.load(id).await?;
-            let events = loaded
-                .state
-                .handle(command)
-                .map_err(CommandError::Domain)?;
+            let events = loaded.state.handle(command).map_err(CommandError::Domain)?;
             match self.save_with(loaded, events, options).await {
                 Ok(mut saved) => {
                     saved.attempts = attempt;

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use txbus_core::{
-    Bus, Commit, Direction, Event, ExpectedVersion, KvWrite, Operation, StreamEvent,
-};
+use txbus_core::{Bus, Commit, Direction, Event, ExpectedVersion, KvWrite, Operation, StreamEvent};
 
 use crate::error::Error;
 use crate::event::{DomainEvent, LogEvent, RecordedEvent, SCHEMA_VERSION_HEADER};
@@ -208,7 +206,11 @@ impl EventStore {
     /// Reads the events of up to `limit` commits after `after_position`, in log order (on
     /// stores that seal positions later, only sealed commits: a position once read is never
     /// filled in behind).
-    pub async fn read_log(&self, after_position: u64, limit: usize) -> Result<Vec<LogEvent>, Error> {
+    pub async fn read_log(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEvent>, Error> {
         let commits = self.bus.read_log(after_position, limit).await?;
         let mut out = Vec::with_capacity(commits.iter().map(|c| c.messages.len()).sum());
         for c in commits {
@@ -250,7 +252,9 @@ impl EventStore {
                 _ => {
                     return Err(Error::Corrupt {
                         key: stream.to_owned(),
-                        reason: format!("the events just committed (commit {commit_id}) are not in the stream"),
+                        reason: format!(
+                            "the events just committed (commit {commit_id}) are not in the stream"
+                        ),
                     })
                 }
             }

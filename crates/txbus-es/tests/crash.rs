@@ -27,7 +27,10 @@ fn child_program() -> PathBuf {
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
-        assert!(build.status().unwrap().success(), "building the child failed");
+        assert!(
+            build.status().unwrap().success(),
+            "building the child failed"
+        );
     }
     assert!(path.exists(), "{} is missing", path.display());
     path
@@ -78,7 +81,10 @@ fn a_projection_killed_mid_work_resumes_to_the_same_read_model_as_a_rebuild() {
         std::thread::sleep(Duration::from_millis(fastrand::u64(20..400)));
         child.kill().expect("SIGKILL the child");
         let status = child.wait().unwrap();
-        assert!(!status.success(), "round {round}: the child must have been killed");
+        assert!(
+            !status.success(),
+            "round {round}: the child must have been killed"
+        );
     }
 
     let mut verify = Command::new(&program)
@@ -101,6 +107,12 @@ fn a_projection_killed_mid_work_resumes_to_the_same_read_model_as_a_rebuild() {
         !report["direct"].as_object().unwrap().is_empty(),
         "the log holds events"
     );
-    assert_eq!(report["live"], report["direct"], "live read model vs the log");
-    assert_eq!(report["rebuilt"], report["direct"], "rebuilt read model vs the log");
+    assert_eq!(
+        report["live"], report["direct"],
+        "live read model vs the log"
+    );
+    assert_eq!(
+        report["rebuilt"], report["direct"],
+        "rebuilt read model vs the log"
+    );
 }

@@ -32,7 +32,10 @@ async fn append_orders(store: &EventStore, from: u64, to: u64) {
             .append(
                 format!("order-{}", n % 3),
                 ExpectedVersion::Any,
-                [Event::new("order.item-added", json!({"sku": format!("s{n}"), "qty": 2}))],
+                [Event::new(
+                    "order.item-added",
+                    json!({"sku": format!("s{n}"), "qty": 2}),
+                )],
             )
             .event(Event::new("audit.seen", json!({ "n": n })))
             .commit()
@@ -67,9 +70,13 @@ async fn catch_up_from_the_start_then_follow_the_log_live() {
     let mut watch = handle.checkpoint_watch();
     watch.borrow_and_update();
     append_orders(&store, 20, 21).await;
-    guard("the checkpoint watch", watch.changed()).await.unwrap();
+    guard("the checkpoint watch", watch.changed())
+        .await
+        .unwrap();
     let head = store.head_position(0).await.unwrap();
-    guard("the live commit", handle.wait_for(head)).await.unwrap();
+    guard("the live commit", handle.wait_for(head))
+        .await
+        .unwrap();
     assert_eq!(*watch.borrow(), head);
     assert_eq!(count(bus, "rm/counts/events").await, 42);
     assert_eq!(handle.lag().await.unwrap(), 0);
@@ -177,10 +184,13 @@ async fn rebuild_clears_the_read_model_and_replays_from_zero() {
     assert!(store.bus().kv_get("rm/other").await.unwrap().is_some());
 }
 
+/// What a recorder saw: (position, index, event type).
+type Seen = Arc<Mutex<Vec<(u64, u32, String)>>>;
+
 /// Records what it is handed; fails its first `fail_first` calls; waits for a permit per
 /// call.
 struct Recorder {
-    seen: Arc<Mutex<Vec<(u64, u32, String)>>>,
+    seen: Seen,
     calls: Arc<AtomicU32>,
     resets: Arc<AtomicU32>,
     fail_first: u32,
@@ -217,7 +227,7 @@ impl ExternalProjection for Recorder {
     }
 }
 
-fn recorder(fail_first: u32, gate: Option<Arc<Semaphore>>) -> (Recorder, Arc<Mutex<Vec<(u64, u32, String)>>>, Arc<AtomicU32>) {
+fn recorder(fail_first: u32, gate: Option<Arc<Semaphore>>) -> (Recorder, Seen, Arc<AtomicU32>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let resets = Arc::new(AtomicU32::new(0));
     (
@@ -251,7 +261,9 @@ async fn an_external_projection_gets_every_matching_event_in_order_despite_failu
         let seen = seen.lock().unwrap();
         // Only the filter's events (not audit.seen), each once, in log order.
         assert_eq!(seen.len(), 12);
-        assert!(seen.iter().all(|(_, i, t)| *i == 0 && t == "order.item-added"));
+        assert!(seen
+            .iter()
+            .all(|(_, i, t)| *i == 0 && t == "order.item-added"));
         assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
     }
     assert!(handle.last_error().is_none());

@@ -89,7 +89,10 @@ async fn a_domain_error_and_a_broken_invariant_write_nothing() {
         .execute("2", OrderCommand::Remove { sku: "ZZ".into() })
         .await
         .unwrap_err();
-    assert!(matches!(err, CommandError::Domain(OrderError::NotInOrder(ref s)) if s == "ZZ"), "{err:?}");
+    assert!(
+        matches!(err, CommandError::Domain(OrderError::NotInOrder(ref s)) if s == "ZZ"),
+        "{err:?}"
+    );
 
     // The events are fine one by one, but the state after them breaks "at most 100 items".
     let err = orders.execute("2", add("B2", 41)).await.unwrap_err();
@@ -103,7 +106,10 @@ async fn a_domain_error_and_a_broken_invariant_write_nothing() {
     // Once placed, every command is refused, and nothing is written.
     orders.execute("2", OrderCommand::Place).await.unwrap();
     let err = orders.execute("2", add("C3", 0)).await.unwrap_err();
-    assert!(matches!(err, CommandError::Domain(OrderError::AlreadyPlaced)));
+    assert!(matches!(
+        err,
+        CommandError::Domain(OrderError::AlreadyPlaced)
+    ));
     assert_eq!(store.stream_version("order-2").await.unwrap(), 3);
 }
 
@@ -212,11 +218,21 @@ async fn a_conflict_on_every_attempt_exhausts_the_retries() {
     let stale = orders.load("4").await.unwrap();
     orders.execute("4", add("B", 1)).await.unwrap();
     let err = orders
-        .save(stale, vec![ItemAdded { sku: "C".into(), qty: 1 }.into()])
+        .save(
+            stale,
+            vec![ItemAdded {
+                sku: "C".into(),
+                qty: 1,
+            }
+            .into()],
+        )
         .await
         .unwrap_err();
     assert!(
-        matches!(err, CommandError::Store(Error::Conflict(Conflict::Stream { actual: 6, .. }))),
+        matches!(
+            err,
+            CommandError::Store(Error::Conflict(Conflict::Stream { actual: 6, .. }))
+        ),
         "{err:?}"
     );
 }
@@ -230,7 +246,10 @@ async fn command_options_commit_headers_events_and_keys_with_the_events() {
     let options = CommandOptions::new()
         .correlation_id("req-1")
         .header("tenant", "acme")
-        .event(Event::new("integration.order-changed", json!({"order": "5"})))
+        .event(Event::new(
+            "integration.order-changed",
+            json!({"order": "5"}),
+        ))
         .kv(KvWrite::put("idempotency/req-1", b"done".to_vec()).expect(KvExpect::Absent));
     let saved = orders
         .execute_with("5", &add("A1", 1), &options)
@@ -243,7 +262,12 @@ async fn command_options_commit_headers_events_and_keys_with_the_events() {
     let log = store.read_log(0, 10).await.unwrap();
     assert_eq!(log.len(), 2);
     assert_eq!(log[1].event_type, "integration.order-changed");
-    assert!(store.bus().kv_get("idempotency/req-1").await.unwrap().is_some());
+    assert!(store
+        .bus()
+        .kv_get("idempotency/req-1")
+        .await
+        .unwrap()
+        .is_some());
 
     // The same idempotency key again: the key's condition fails, nothing is written, and it
     // is not retried as a stream conflict would be.
@@ -252,7 +276,10 @@ async fn command_options_commit_headers_events_and_keys_with_the_events() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, CommandError::Store(Error::Conflict(Conflict::Key { .. }))),
+        matches!(
+            err,
+            CommandError::Store(Error::Conflict(Conflict::Key { .. }))
+        ),
         "{err:?}"
     );
     assert_eq!(store.stream_version("order-5").await.unwrap(), 1);

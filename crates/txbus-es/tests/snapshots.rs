@@ -54,7 +54,13 @@ async fn a_snapshot_every_n_events_and_loads_start_from_it() {
             assert!(stored_snapshot(&store, "order-1").await.is_none());
         }
         if i == 7 {
-            assert_eq!(stored_snapshot(&store, "order-1").await.unwrap().stream_version, 5);
+            assert_eq!(
+                stored_snapshot(&store, "order-1")
+                    .await
+                    .unwrap()
+                    .stream_version,
+                5
+            );
         }
     }
     assert_eq!(written_at, [5, 10]);
@@ -78,7 +84,11 @@ async fn a_snapshot_on_demand() {
     let dir = tempfile::tempdir().unwrap();
     let store = EventStore::new(sqlite_bus(&dir.path().join("es.db")).await);
     let orders = Repository::<Order>::new(store.clone());
-    assert_eq!(orders.snapshot("2").await.unwrap(), 0, "no events: no snapshot");
+    assert_eq!(
+        orders.snapshot("2").await.unwrap(),
+        0,
+        "no events: no snapshot"
+    );
     assert!(stored_snapshot(&store, "order-2").await.is_none());
 
     for i in 0..7 {
@@ -87,15 +97,27 @@ async fn a_snapshot_on_demand() {
     // No automatic snapshots here.
     assert!(stored_snapshot(&store, "order-2").await.is_none());
     assert_eq!(orders.snapshot("2").await.unwrap(), 7);
-    assert_eq!(stored_snapshot(&store, "order-2").await.unwrap().stream_version, 7);
+    assert_eq!(
+        stored_snapshot(&store, "order-2")
+            .await
+            .unwrap()
+            .stream_version,
+        7
+    );
 
     let loaded = orders.load("2").await.unwrap();
-    assert_eq!((loaded.snapshot, loaded.replayed, loaded.version), (Some(7), 0, 7));
+    assert_eq!(
+        (loaded.snapshot, loaded.replayed, loaded.version),
+        (Some(7), 0, 7)
+    );
 
     orders.execute("2", add("y")).await.unwrap();
     orders.execute("2", add("z")).await.unwrap();
     let loaded = orders.load("2").await.unwrap();
-    assert_eq!((loaded.snapshot, loaded.replayed, loaded.version), (Some(7), 2, 9));
+    assert_eq!(
+        (loaded.snapshot, loaded.replayed, loaded.version),
+        (Some(7), 2, 9)
+    );
     assert_eq!(loaded.state, replayed(&store, "order-2").await);
 }
 
@@ -137,12 +159,21 @@ async fn a_snapshot_of_an_old_shape_is_ignored_and_replaced() {
         v1.execute("3", add(&format!("p{i}"))).await.unwrap();
     }
     v1.snapshot("3").await.unwrap();
-    assert_eq!(stored_snapshot(&store, "order-3").await.unwrap().snapshot_version, 1);
+    assert_eq!(
+        stored_snapshot(&store, "order-3")
+            .await
+            .unwrap()
+            .snapshot_version,
+        1
+    );
 
     // The new shape ignores the v1 snapshot, replays all six events, and writes its own.
     let v2 = Repository::<OrderV2>::new(store.clone());
     let loaded = v2.load("3").await.unwrap();
-    assert_eq!((loaded.snapshot, loaded.replayed, loaded.version), (None, 6, 6));
+    assert_eq!(
+        (loaded.snapshot, loaded.replayed, loaded.version),
+        (None, 6, 6)
+    );
     assert_eq!(loaded.state.lines.len(), 6);
     let snap = stored_snapshot(&store, "order-3").await.unwrap();
     assert_eq!((snap.snapshot_version, snap.stream_version), (2, 6));
@@ -158,7 +189,10 @@ async fn a_snapshot_of_an_old_shape_is_ignored_and_replaced() {
     // An unreadable snapshot is ignored and replaced too.
     store
         .bus()
-        .kv_write(vec![KvWrite::put(snapshot_key("order-3"), b"{not json".to_vec())])
+        .kv_write(vec![KvWrite::put(
+            snapshot_key("order-3"),
+            b"{not json".to_vec(),
+        )])
         .await
         .unwrap();
     let loaded = v1.load("3").await.unwrap();

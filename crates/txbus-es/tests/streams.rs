@@ -109,7 +109,9 @@ async fn a_conflict_is_matchable_and_a_retry_after_reload_succeeds() {
     // Exactly one event 3 was written: the failed attempt wrote nothing.
     let all = store.read_forward("acc-1", 1, 100).await.unwrap();
     assert_eq!(
-        all.iter().map(|e| e.payload["n"].as_u64().unwrap()).collect::<Vec<_>>(),
+        all.iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
         [1, 2, 3]
     );
 }
@@ -139,11 +141,7 @@ async fn several_streams_commit_atomically_and_one_conflict_writes_none() {
             ExpectedVersion::Exact(2),
             [Event::new("account.credited", json!({"cents": 5}))],
         )
-        .append(
-            "account-c",
-            ExpectedVersion::Any,
-            [ev(1), ev(2)],
-        )
+        .append("account-c", ExpectedVersion::Any, [ev(1), ev(2)])
         .event(Event::new("audit.transfer", json!({"cents": 5})))
         .kv(KvWrite::put("transfers/1", b"done".to_vec()))
         .commit()
@@ -184,7 +182,10 @@ async fn several_streams_commit_atomically_and_one_conflict_writes_none() {
         .commit()
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict(Conflict::Key { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Conflict(Conflict::Key { .. })),
+        "{err:?}"
+    );
     assert_eq!(store.stream_version("account-a").await.unwrap(), 2);
 }
 
@@ -214,8 +215,14 @@ async fn streams_read_forward_and_backward_from_a_version() {
     let last = store.read_backward("r-1", u64::MAX, 2).await.unwrap();
     assert_eq!(ns(&last), [(10, 10), (9, 9)]);
     assert!(store.read_forward("r-1", 11, 10).await.unwrap().is_empty());
-    assert!(store.read_forward("r-none", 1, 10).await.unwrap().is_empty());
-    assert!(fwd.iter().all(|e| e.stream == "r-1" && e.stream() == Some("r-1")));
+    assert!(store
+        .read_forward("r-none", 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(fwd
+        .iter()
+        .all(|e| e.stream == "r-1" && e.stream() == Some("r-1")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +240,9 @@ async fn the_log_reads_in_order_from_a_position() {
     }
     let all = store.read_log(0, 100).await.unwrap();
     assert_eq!(all.len(), 12);
-    assert!(all.windows(2).all(|w| (w[0].position, w[0].index) < (w[1].position, w[1].index)));
+    assert!(all
+        .windows(2)
+        .all(|w| (w[0].position, w[0].index) < (w[1].position, w[1].index)));
     let head = all.last().unwrap().position;
     assert_eq!(store.head_position(0).await.unwrap(), head);
     // From a position: only later commits; `limit` counts commits.

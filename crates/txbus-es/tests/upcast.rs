@@ -64,7 +64,10 @@ async fn old_events_are_upcast_on_read_and_on_load_and_new_ones_are_stamped() {
     let store = EventStore::new(bus.clone()).with_upcasters(upcasters());
     let read = store.read_forward("order-1", 1, 10).await.unwrap();
     assert_eq!(read[1].payload, json!({"sku": "B", "qty": 2, "note": ""}));
-    assert_eq!((read[1].stored_schema_version, read[1].schema_version), (1, 3));
+    assert_eq!(
+        (read[1].stored_schema_version, read[1].schema_version),
+        (1, 3)
+    );
 
     let orders = Repository::<Order>::new(store.clone());
     let order = orders.load("1").await.unwrap();
@@ -102,7 +105,10 @@ async fn projections_see_the_current_shape() {
         .append(
             "order-1",
             ExpectedVersion::Exact(3),
-            [Event::new("order.item-added", json!({"sku": "D", "qty": 10, "note": "n"}))],
+            [Event::new(
+                "order.item-added",
+                json!({"sku": "D", "qty": 10, "note": "n"}),
+            )],
         )
         .await
         .unwrap();
@@ -124,9 +130,7 @@ fn a_version_without_a_path_or_newer_than_known_is_an_error() {
     let up = upcasters();
     assert_eq!(up.current_version("order.item-added"), 3);
     assert_eq!(up.current_version("order.placed"), 1);
-    let err = up
-        .upcast("order.item-added", 4, json!({}))
-        .unwrap_err();
+    let err = up.upcast("order.item-added", 4, json!({})).unwrap_err();
     assert!(err.to_string().contains("newer"), "{err}");
     let err = up
         .upcast("order.item-added", 1, json!({"sku": "A"}))
@@ -134,7 +138,10 @@ fn a_version_without_a_path_or_newer_than_known_is_an_error() {
     assert!(err.to_string().contains("no quantity"), "{err}");
     let gap = Upcasters::new().register("x.y", 2, 3, Ok);
     let err = gap.upcast("x.y", 1, json!({})).unwrap_err();
-    assert!(err.to_string().contains("no upcaster from version 1"), "{err}");
+    assert!(
+        err.to_string().contains("no upcaster from version 1"),
+        "{err}"
+    );
     // Events of a type without upcasters pass through untouched.
     assert_eq!(
         up.upcast("order.placed", 1, json!({"a": 1})).unwrap(),

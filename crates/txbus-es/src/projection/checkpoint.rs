@@ -54,12 +54,11 @@ impl Checkpoint {
     /// The write that moves this checkpoint to `position` (and `clearing`), if nobody else
     /// moved it since it was read.
     pub fn advance(&self, name: &str, position: u64, clearing: bool) -> Result<KvWrite, Error> {
-        let value = serde_json::to_vec(&Record { position, clearing }).map_err(|e| {
-            Error::Encode {
+        let value =
+            serde_json::to_vec(&Record { position, clearing }).map_err(|e| Error::Encode {
                 what: format!("projection {name:?}'s checkpoint"),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let expect = self.kv_version.map_or(KvExpect::Absent, KvExpect::Version);
         Ok(KvWrite::put(checkpoint_key(name), value).expect(expect))
     }

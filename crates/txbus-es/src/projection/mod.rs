@@ -19,7 +19,7 @@
 //! - **[`ExternalProjection`]**, a read model elsewhere (a search index, another database, an
 //!   e-mail). The runner calls it with the page's events, and **then** writes the checkpoint.
 //!   A crash between the two makes the page run again: delivery is **at least once**, so the
-//!   side effect must be idempotent (each [`LogEvent`](crate::LogEvent) has a stable id and
+//!   side effect must be idempotent (each [`LogEvent`] has a stable id and
 //!   position to dedupe on).
 //!
 //! A failing page (an error from the projection, a store error) is retried, with a pause that

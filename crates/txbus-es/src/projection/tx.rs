@@ -65,7 +65,10 @@ impl<'a> ReadModelTx<'a> {
     }
 
     /// Reads a key holding JSON.
-    pub async fn get_json<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>, BoxError> {
+    pub async fn get_json<T: DeserializeOwned>(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<T>, BoxError> {
         match self.get(key).await? {
             None => Ok(None),
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {

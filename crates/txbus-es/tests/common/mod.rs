@@ -1,6 +1,11 @@
 //! What the event sourcing tests share: buses on fresh SQLite files (and fresh PostgreSQL
 //! schemas), an order aggregate, and a counting read model.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr
+)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -144,8 +149,13 @@ impl Order {
 /// What an order is asked to do. `Add` may carry a hook run on every attempt (to make a
 /// concurrent writer appear between load and save).
 pub enum OrderCommand {
-    Add { sku: String, qty: u32 },
-    Remove { sku: String },
+    Add {
+        sku: String,
+        qty: u32,
+    },
+    Remove {
+        sku: String,
+    },
     Place,
     Noop,
     AddWithHook {
