@@ -116,7 +116,8 @@ async fn the_checkpoint_survives_a_restart_and_nothing_is_applied_twice() {
         .start(&store)
         .await
         .unwrap();
-    assert_eq!(handle.checkpoint(), before);
+    // It starts from there (and may have moved on already).
+    assert!(handle.checkpoint() >= before);
     guard("catch-up", handle.catch_up()).await.unwrap();
     assert_eq!(count(&bus, "rm/counts/events").await, 26);
     assert_eq!(count(&bus, "rm/counts/type/order.item-added").await, 13);

@@ -69,6 +69,7 @@ pub struct Projector {
     kind: Kind,
     page_size: usize,
     poll_interval: Duration,
+    recheck_after: Duration,
     min_error_pause: Duration,
     max_error_pause: Duration,
 }
@@ -90,6 +91,7 @@ impl Projector {
             kind,
             page_size: 256,
             poll_interval: Duration::from_secs(1),
+            recheck_after: Duration::from_millis(10),
             min_error_pause: Duration::from_millis(50),
             max_error_pause: Duration::from_secs(30),
         }
@@ -117,6 +119,15 @@ impl Projector {
     /// this bus wake the projection at once, those of other processes may only be seen then.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// How soon the log is read again when a commit was announced but the read found
+    /// nothing yet (default 10 ms; the delay doubles on each empty read, up to the poll
+    /// interval; zero turns re-reads off). On stores that give positions shortly after the commit (PostgreSQL seals
+    /// them in the background) this is what keeps a live projection close behind.
+    pub fn recheck_after(mut self, delay: Duration) -> Self {
+        self.recheck_after = delay;
         self
     }
 
@@ -166,6 +177,7 @@ impl Projector {
             filter,
             page_size: self.page_size,
             poll_interval: self.poll_interval,
+            recheck_after: self.recheck_after,
             min_error_pause: self.min_error_pause,
             max_error_pause: self.max_error_pause.max(self.min_error_pause),
             cp,
@@ -233,6 +245,7 @@ struct Runner {
     filter: On,
     page_size: usize,
     poll_interval: Duration,
+    recheck_after: Duration,
     min_error_pause: Duration,
     max_error_pause: Duration,
     cp: Checkpoint,
@@ -247,6 +260,10 @@ impl Runner {
         let mut log = self.store.bus().log_changes();
         let mut log_open = true;
         let mut failures: u32 = 0;
+        // A commit was announced since the last read.
+        let mut announced = false;
+        // The delay of the next re-read after an announcement that found nothing yet.
+        let mut recheck: Option<Duration> = None;
         loop {
             if *self.stop.borrow() {
                 break;
@@ -263,11 +280,19 @@ impl Runner {
             let pause = match result {
                 Ok(Step::Advanced) => {
                     failures = 0;
+                    recheck = None;
+                    announced = false;
                     self.shared.set_error(None);
                     continue;
                 }
                 Ok(Step::Idle) => {
                     failures = 0;
+                    recheck = if announced || recheck.is_some() {
+                        let next = recheck.map_or(self.recheck_after, |d| d.saturating_mul(2));
+                        (!next.is_zero() && next < self.poll_interval).then_some(next)
+                    } else {
+                        None
+                    };
                     None
                 }
                 Err(failure) => {
@@ -276,7 +301,9 @@ impl Runner {
                     Some(self.error_pause(failures))
                 }
             };
+            announced = false;
             let wait_log = pause.is_none() && log_open;
+            let sleep = pause.or(recheck).unwrap_or(self.poll_interval);
             tokio::select! {
                 changed = self.stop.changed() => {
                     if changed.is_err() || *self.stop.borrow() {
@@ -290,9 +317,11 @@ impl Runner {
                 changed = log.changed(), if wait_log => {
                     if changed.is_err() {
                         log_open = false;
+                    } else {
+                        announced = true;
                     }
                 }
-                () = tokio::time::sleep(pause.unwrap_or(self.poll_interval)) => {}
+                () = tokio::time::sleep(sleep) => {}
             }
         }
         tracing::info!(projection = %self.name, checkpoint = self.cp.position, "projection stopped");
