@@ -32,6 +32,8 @@
 //!
 //! Features: `sqlite` (default) brings the embedded store, [`SqliteStore`]; `postgres` the
 //! scale-out store, `PostgresStore` (many bus processes on one database).
+//! `es` brings event sourcing as the module `es` (aggregates, repositories, snapshots,
+//! projections).
 
 pub use txbus_core::*;
 
@@ -40,3 +42,8 @@ pub use txbus_sqlite::{Durability, SqliteOptions, SqliteStore};
 
 #[cfg(feature = "postgres")]
 pub use txbus_postgres::{PostgresOptions, PostgresStore};
+
+/// Event sourcing: streams, aggregates and their repository, snapshots, projections,
+/// upcasters (feature `es`).
+#[cfg(feature = "es")]
+pub use txbus_es as es;
