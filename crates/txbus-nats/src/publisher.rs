@@ -1,8 +1,8 @@
 //! The relay's side effect on JetStream: publishes with `Nats-Msg-Id`, acks awaited pipelined.
 
-use futures_util::future::BoxFuture;
 use async_nats::jetstream::{self, message::PublishMessage as Publish};
 use async_nats::HeaderMap;
+use futures_util::future::BoxFuture;
 use txbus_relay::{wire, OutboundMessage, Publisher};
 
 use crate::error::Error;

@@ -144,7 +144,9 @@ impl Handler for RemoteHandler {
                 match serde_json::from_slice::<RemoteReply>(&reply.payload) {
                     Ok(r) if r.message_id == id => return Some(r),
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(subject = %reply_to, error = %e, "ignoring a reply that does not decode"),
+                    Err(e) => {
+                        tracing::warn!(subject = %reply_to, error = %e, "ignoring a reply that does not decode")
+                    }
                 }
             }
             None

@@ -73,7 +73,10 @@ impl StreamSpec {
     }
 
     /// Creates the stream if it does not exist, and returns it.
-    pub async fn ensure(&self, js: &jetstream::Context) -> Result<jetstream::stream::Stream, Error> {
+    pub async fn ensure(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<jetstream::stream::Stream, Error> {
         js.get_or_create_stream(jetstream::stream::Config {
             name: self.name.clone(),
             subjects: self.subjects.clone(),

@@ -167,9 +167,12 @@ impl Acker for JetStreamAcker {
     }
 
     async fn discard(self) -> Result<(), Error> {
-        self.0.ack_with(AckKind::Term).await.map_err(|e| Error::Nats {
-            what: "discarding a message".into(),
-            source: e,
-        })
+        self.0
+            .ack_with(AckKind::Term)
+            .await
+            .map_err(|e| Error::Nats {
+                what: "discarding a message".into(),
+                source: e,
+            })
     }
 }

@@ -79,7 +79,11 @@ async fn a_message_published_twice_is_committed_and_handled_once() {
         .await
         .unwrap();
     }
-    assert_eq!(stream_messages(&js, &stream).await, 3, "the broker holds both copies");
+    assert_eq!(
+        stream_messages(&js, &stream).await,
+        3,
+        "the broker holds both copies"
+    );
 
     let source = JetStreamSource::new(js.clone(), ConsumerSpec::new(&stream, "billing-in"))
         .await
@@ -146,11 +150,15 @@ async fn a_message_that_does_not_decode_is_discarded_and_the_rest_goes_on() {
         .await
         .unwrap();
     let good = MessageId::new();
-    js.publish_with_headers(subject, txbus_headers(good, "good"), "{\"amount\":5}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish_with_headers(
+        subject,
+        txbus_headers(good, "good"),
+        "{\"amount\":5}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     let source = JetStreamSource::new(js.clone(), ConsumerSpec::new(&stream, "in"))
         .await
         .unwrap();

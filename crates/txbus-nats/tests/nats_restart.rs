@@ -137,7 +137,10 @@ async fn nats_restart_under_load_loses_nothing_and_handles_nothing_twice() {
         .unwrap();
     let relay = Relay::builder(origin.clone(), "out", JetStreamPublisher::new(js.clone()))
         .route(SubjectRoute::new(prefix.clone()))
-        .backoff(txbus_core::Backoff::exponential(Duration::from_millis(100)).max(Duration::from_secs(2)))
+        .backoff(
+            txbus_core::Backoff::exponential(Duration::from_millis(100))
+                .max(Duration::from_secs(2)),
+        )
         .start()
         .await
         .unwrap();
@@ -165,7 +168,10 @@ async fn nats_restart_under_load_loses_nothing_and_handles_nothing_twice() {
     .unwrap();
     let inbox = Inbox::builder(receiver.clone(), "in", source)
         .concurrency(32)
-        .backoff(txbus_core::Backoff::exponential(Duration::from_millis(100)).max(Duration::from_secs(2)))
+        .backoff(
+            txbus_core::Backoff::exponential(Duration::from_millis(100))
+                .max(Duration::from_secs(2)),
+        )
         .start()
         .unwrap();
 
@@ -179,23 +185,30 @@ async fn nats_restart_under_load_loses_nothing_and_handles_nothing_twice() {
                     .map(|k| Event::new("order.placed", json!({"i": i, "k": k})).module("shop"))
                     .collect();
                 sent.extend(events.iter().map(|e| e.id().to_string()));
-                origin.commit_unwatched(Commit::new().events(events)).await.unwrap();
+                origin
+                    .commit_unwatched(Commit::new().events(events))
+                    .await
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(3)).await;
             }
             sent
         })
     };
-    eventually(Duration::from_secs(60), "a quarter of the load handled", || {
-        runs.lock().unwrap().len() >= total / 4
-    })
+    eventually(
+        Duration::from_secs(60),
+        "a quarter of the load handled",
+        || runs.lock().unwrap().len() >= total / 4,
+    )
     .await;
     let restore = tokio::task::spawn_blocking(restart_server).await.unwrap();
     let sent = producer.await.unwrap();
     assert_eq!(sent.len(), total);
 
-    eventually(Duration::from_secs(180), "every message handled after the restart", || {
-        runs.lock().unwrap().len() >= total
-    })
+    eventually(
+        Duration::from_secs(180),
+        "every message handled after the restart",
+        || runs.lock().unwrap().len() >= total,
+    )
     .await;
     let relayed = tokio::time::timeout(Duration::from_secs(120), relay.drained())
         .await
@@ -215,10 +228,16 @@ async fn nats_restart_under_load_loses_nothing_and_handles_nothing_twice() {
     }
     assert_eq!(received, total, "nothing lost, nothing extra");
     assert_eq!(handled_twice, 0, "no message handled twice");
-    assert_eq!(inbox_stats.committed, total as u64, "each message committed once");
+    assert_eq!(
+        inbox_stats.committed, total as u64,
+        "each message committed once"
+    );
     assert_eq!(
         inbox_stats.received,
-        inbox_stats.committed + inbox_stats.duplicates + inbox_stats.retried + inbox_stats.discarded,
+        inbox_stats.committed
+            + inbox_stats.duplicates
+            + inbox_stats.retried
+            + inbox_stats.discarded,
         "every delivery accounted for"
     );
     assert_eq!(relayed.checkpoint, COMMITS as u64);

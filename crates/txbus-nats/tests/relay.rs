@@ -52,16 +52,23 @@ async fn relay_publishes_in_log_order_with_message_ids_and_checkpoints() {
         expected.extend(ids);
     }
 
-    let relay = Relay::builder(bus.clone(), "orders-out", JetStreamPublisher::new(js.clone()))
-        .filter(On::in_module("a"))
-        .route(SubjectRoute::new(prefix.clone()))
-        .read_batch(16)
-        .start()
-        .await
-        .unwrap();
+    let relay = Relay::builder(
+        bus.clone(),
+        "orders-out",
+        JetStreamPublisher::new(js.clone()),
+    )
+    .filter(On::in_module("a"))
+    .route(SubjectRoute::new(prefix.clone()))
+    .read_batch(16)
+    .start()
+    .await
+    .unwrap();
     let status = relay.drained().await.unwrap();
     assert_eq!(status.lag(), 0);
-    assert_eq!(status.checkpoint, 300, "every commit is covered, relayed or filtered out");
+    assert_eq!(
+        status.checkpoint, 300,
+        "every commit is covered, relayed or filtered out"
+    );
     assert_eq!(read_checkpoint(&bus, "orders-out").await.unwrap(), 300);
 
     let got = read_all(&js, &stream, expected.len()).await;
@@ -69,8 +76,16 @@ async fn relay_publishes_in_log_order_with_message_ids_and_checkpoints() {
         .iter()
         .map(|m| {
             let h = m.headers.as_ref().unwrap();
-            let id = h.get(txbus_relay::wire::MESSAGE_ID).unwrap().as_str().to_owned();
-            assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), id, "broker-side dedupe by message id");
+            let id = h
+                .get(txbus_relay::wire::MESSAGE_ID)
+                .unwrap()
+                .as_str()
+                .to_owned();
+            assert_eq!(
+                h.get("Nats-Msg-Id").unwrap().as_str(),
+                id,
+                "broker-side dedupe by message id"
+            );
             id
         })
         .collect();
@@ -79,7 +94,10 @@ async fn relay_publishes_in_log_order_with_message_ids_and_checkpoints() {
     let first = &got[0];
     assert_eq!(first.subject.as_str(), format!("{prefix}.a.item.added"));
     let h = first.headers.as_ref().unwrap();
-    assert_eq!(h.get(txbus_relay::wire::CORRELATION_ID).unwrap().as_str(), "c0");
+    assert_eq!(
+        h.get(txbus_relay::wire::CORRELATION_ID).unwrap().as_str(),
+        "c0"
+    );
     assert_eq!(stream_messages(&js, &stream).await, expected.len() as u64);
 
     // New commits after the drain are relayed too, woken by the bus.
@@ -91,7 +109,12 @@ async fn relay_publishes_in_log_order_with_message_ids_and_checkpoints() {
     let got = read_all(&js, &stream, expected.len() + 1).await;
     let last = got.last().unwrap();
     assert_eq!(
-        last.headers.as_ref().unwrap().get(txbus_relay::wire::MESSAGE_ID).unwrap().as_str(),
+        last.headers
+            .as_ref()
+            .unwrap()
+            .get(txbus_relay::wire::MESSAGE_ID)
+            .unwrap()
+            .as_str(),
         late_id
     );
     relay.shutdown(Duration::from_secs(5)).await.unwrap();
@@ -148,7 +171,11 @@ async fn relay_killed_mid_batch_resumes_from_its_checkpoint_and_nothing_is_lost(
     let again: Vec<String> = args(false);
     let node = Node::start(&again.iter().map(String::as_str).collect::<Vec<_>>());
     let drained = node.expect_line("drained", Duration::from_secs(120));
-    assert_eq!(drained, format!("drained {}", N / 100), "the checkpoint covers every commit");
+    assert_eq!(
+        drained,
+        format!("drained {}", N / 100),
+        "the checkpoint covers every commit"
+    );
     drop(node);
 
     // Broker-side dedupe by Nats-Msg-Id keeps one copy of what was sent twice.
@@ -182,7 +209,7 @@ async fn relay_killed_mid_batch_resumes_from_its_checkpoint_and_nothing_is_lost(
     })
     .await;
     let stats = inbox.shutdown(Duration::from_secs(5)).await.unwrap();
-    let runs = runs.lock().unwrap();
+    let runs = runs.lock().unwrap().clone();
     assert_eq!(runs.len(), N, "every committed message arrived");
     assert!(runs.values().all(|&n| n == 1), "no message handled twice");
     assert_eq!(stats.committed, N as u64);

@@ -121,7 +121,11 @@ async fn remote_transact_completes_when_the_remote_handler_succeeded() {
         .expect("the outcome arrives")
         .unwrap();
     assert!(outcome.is_ok(), "{outcome:?}");
-    assert_eq!(seen(s.remote_dir.path(), "done", &id.to_string()), 1, "the remote handler ran");
+    assert_eq!(
+        seen(s.remote_dir.path(), "done", &id.to_string()),
+        1,
+        "the remote handler ran"
+    );
     drop(node);
     assert_eq!(remote_copies(s.remote_dir.path(), id).await, 1);
     s.finish().await;
@@ -131,8 +135,11 @@ async fn remote_transact_completes_when_the_remote_handler_succeeded() {
 async fn remote_reject_fails_the_origin_operation_with_the_remote_reason() {
     let s = Setup::new(Duration::from_secs(10)).await;
     let node = s.start_remote();
-    let event = Event::new("invoice.requested", json!({"amount": 9, "reject": "card declined"}))
-        .module("billing");
+    let event = Event::new(
+        "invoice.requested",
+        json!({"amount": 9, "reject": "card declined"}),
+    )
+    .module("billing");
     let id = event.id();
     let op = s.origin.transact([event]).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(60), op.outcome())
@@ -143,8 +150,16 @@ async fn remote_reject_fails_the_origin_operation_with_the_remote_reason() {
     assert_eq!(failure.kind, FailureKind::Rejected);
     assert_eq!(failure.handler, "billing-remote");
     assert_eq!(failure.attempts, 1, "a rejection is not retried");
-    assert!(failure.reason.contains("card declined"), "{}", failure.reason);
-    assert!(failure.reason.contains("charger"), "names the remote handler: {}", failure.reason);
+    assert!(
+        failure.reason.contains("card declined"),
+        "{}",
+        failure.reason
+    );
+    assert!(
+        failure.reason.contains("charger"),
+        "names the remote handler: {}",
+        failure.reason
+    );
     assert_eq!(seen(s.remote_dir.path(), "reject", &id.to_string()), 1);
     drop(node);
     s.finish().await;
@@ -155,18 +170,24 @@ async fn remote_killed_mid_handler_and_restarted_still_completes_the_origin_once
     // Short reply wait: after the kill, the origin asks again soon.
     let s = Setup::new(Duration::from_secs(3)).await;
     let node = s.start_remote();
-    let event = Event::new("invoice.requested", json!({"amount": 7, "slow_ms": 1500}))
-        .module("billing");
+    let event =
+        Event::new("invoice.requested", json!({"amount": 7, "slow_ms": 1500})).module("billing");
     let id = event.id();
     let key = id.to_string();
     let op = s.origin.transact([event]).await.unwrap();
     // The remote handler has started: kill the remote process in the middle of it.
-    eventually(Duration::from_secs(60), "the remote handler started", || {
-        seen(s.remote_dir.path(), "start", &key) >= 1
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the remote handler started",
+        || seen(s.remote_dir.path(), "start", &key) >= 1,
+    )
     .await;
     node.kill();
-    assert_eq!(seen(s.remote_dir.path(), "done", &key), 0, "killed mid-handler");
+    assert_eq!(
+        seen(s.remote_dir.path(), "done", &key),
+        0,
+        "killed mid-handler"
+    );
 
     let node = s.start_remote();
     let outcome = tokio::time::timeout(Duration::from_secs(120), op.outcome())
@@ -174,7 +195,10 @@ async fn remote_killed_mid_handler_and_restarted_still_completes_the_origin_once
         .expect("the outcome arrives")
         .unwrap();
     assert!(outcome.is_ok(), "{outcome:?}");
-    assert!(seen(s.remote_dir.path(), "done", &key) >= 1, "the remote handler ran to success");
+    assert!(
+        seen(s.remote_dir.path(), "done", &key) >= 1,
+        "the remote handler ran to success"
+    );
     drop(node);
     assert_eq!(
         remote_copies(s.remote_dir.path(), id).await,

@@ -36,10 +36,13 @@ impl Checkpoint {
             },
             Some(entry) => {
                 let text = String::from_utf8_lossy(&entry.value).into_owned();
-                let position = text.trim().parse::<u64>().map_err(|_| Error::CorruptCheckpoint {
-                    key: key.clone(),
-                    value: text.clone(),
-                })?;
+                let position =
+                    text.trim()
+                        .parse::<u64>()
+                        .map_err(|_| Error::CorruptCheckpoint {
+                            key: key.clone(),
+                            value: text.clone(),
+                        })?;
                 Self {
                     key,
                     position,

@@ -29,8 +29,7 @@ impl InboundMessage {
     /// The origin's stream, if any, is kept as the free-form header `origin-stream` (the
     /// message is not appended to a stream here).
     pub fn to_event(&self) -> Event {
-        let mut event =
-            Event::new(self.event_type.clone(), self.payload.clone()).with_id(self.id);
+        let mut event = Event::new(self.event_type.clone(), self.payload.clone()).with_id(self.id);
         if let Some(m) = &self.module {
             event = event.module(m.clone());
         }

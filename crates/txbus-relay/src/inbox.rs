@@ -325,10 +325,8 @@ async fn run<S: Source, R: Replier>(
             }
         }
     };
-    let drained = tokio::time::timeout(grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(inbox = %shared.name, left = tasks.len(), "inbox stopped with messages in progress; the broker delivers them again");
         tasks.abort_all();

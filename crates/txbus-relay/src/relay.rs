@@ -38,7 +38,11 @@ pub struct Relay;
 impl Relay {
     /// Configures a relay named `name` (its identity across restarts: the checkpoint's key)
     /// on `bus`, publishing through `publisher`.
-    pub fn builder<P: Publisher>(bus: Bus, name: impl Into<String>, publisher: P) -> RelayBuilder<P> {
+    pub fn builder<P: Publisher>(
+        bus: Bus,
+        name: impl Into<String>,
+        publisher: P,
+    ) -> RelayBuilder<P> {
         RelayBuilder {
             bus,
             name: name.into(),
@@ -329,7 +333,10 @@ impl<P: Publisher> Worker<P> {
         let mut stop_at: Option<Instant> = None;
         tracing::debug!(relay = %self.name, from = st.read_position, "relay started");
         loop {
-            if st.writing.is_none() && st.retry_at.is_none() && st.confirmed > st.checkpoint.position {
+            if st.writing.is_none()
+                && st.retry_at.is_none()
+                && st.confirmed > st.checkpoint.position
+            {
                 let write = st.checkpoint.advance(st.confirmed);
                 let bus = self.bus.clone();
                 st.writing = Some((
@@ -337,7 +344,10 @@ impl<P: Publisher> Worker<P> {
                     Box::pin(async move { bus.kv_write(vec![write]).await }),
                 ));
             }
-            let idle = st.caught_up && st.pending.is_empty() && st.writing.is_none() && st.retry_at.is_none();
+            let idle = st.caught_up
+                && st.pending.is_empty()
+                && st.writing.is_none()
+                && st.retry_at.is_none();
             self.publish_status(&st, idle);
             if stop_at.is_some() && st.pending.is_empty() && st.writing.is_none() {
                 break;
@@ -406,7 +416,15 @@ impl<P: Publisher> Worker<P> {
 
     fn publish_status(&self, st: &State, idle: bool) {
         self.status.send_if_modified(|s| {
-            let before = (s.checkpoint, s.confirmed, s.head, s.in_flight, s.idle, s.reads_started, s.idle_read);
+            let before = (
+                s.checkpoint,
+                s.confirmed,
+                s.head,
+                s.in_flight,
+                s.idle,
+                s.reads_started,
+                s.idle_read,
+            );
             s.checkpoint = st.checkpoint.position;
             s.confirmed = st.confirmed;
             s.head = st.head;
@@ -414,7 +432,16 @@ impl<P: Publisher> Worker<P> {
             s.idle = idle;
             s.reads_started = st.reads;
             s.idle_read = st.idle_read;
-            before != (s.checkpoint, s.confirmed, s.head, s.in_flight, s.idle, s.reads_started, s.idle_read)
+            before
+                != (
+                    s.checkpoint,
+                    s.confirmed,
+                    s.head,
+                    s.in_flight,
+                    s.idle,
+                    s.reads_started,
+                    s.idle_read,
+                )
         });
     }
 
@@ -451,7 +478,8 @@ impl<P: Publisher> Worker<P> {
         st.head = st.head.max(last);
         if batch.is_empty() {
             st.read_position = last;
-            st.pending.push_back(Box::pin(std::future::ready(Ok((last, 0)))));
+            st.pending
+                .push_back(Box::pin(std::future::ready(Ok((last, 0)))));
             return;
         }
         match self.publisher.send_batch(&batch).await {
@@ -460,7 +488,10 @@ impl<P: Publisher> Worker<P> {
                 st.read_position = last;
                 st.in_flight += count;
                 st.pending.push_back(Box::pin(async move {
-                    confirm.await.map(|()| (last, count)).map_err(|e| e.to_string())
+                    confirm
+                        .await
+                        .map(|()| (last, count))
+                        .map_err(|e| e.to_string())
                 }));
             }
             Err(e) => self.broker_failed(st, e.to_string()),
@@ -503,7 +534,10 @@ impl<P: Publisher> Worker<P> {
                 st.read_position = c.position;
                 st.head = st.head.max(c.position);
                 st.checkpoint = c;
-                self.back_off(st, "checkpoint advanced by another relay with the same name".into());
+                self.back_off(
+                    st,
+                    "checkpoint advanced by another relay with the same name".into(),
+                );
             }
             Err(e) => self.store_failed(st, format!("reloading the checkpoint failed: {e}")),
         }

@@ -150,7 +150,9 @@ mod tests {
         let unknown = RemoteReply {
             message_id: MessageId::new(),
             operation_id: None,
-            result: RemoteResult::Unknown { reason: "pruned".into() },
+            result: RemoteResult::Unknown {
+                reason: "pruned".into(),
+            },
         };
         assert!(matches!(
             unknown.into_handler_result("billing"),

@@ -20,9 +20,7 @@ pub trait Source: Send + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Waits for the next message.
-    fn next(
-        &mut self,
-    ) -> impl Future<Output = Result<Received<Self::Acker>, Self::Error>> + Send;
+    fn next(&mut self) -> impl Future<Output = Result<Received<Self::Acker>, Self::Error>> + Send;
 }
 
 /// One delivery from a [`Source`].

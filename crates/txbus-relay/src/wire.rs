@@ -194,7 +194,13 @@ mod tests {
             b"{}",
         )
         .unwrap_err();
-        assert!(matches!(e, DecodeError::Invalid { name: MESSAGE_ID, .. }));
+        assert!(matches!(
+            e,
+            DecodeError::Invalid {
+                name: MESSAGE_ID,
+                ..
+            }
+        ));
         let id = MessageId::new().to_string();
         let e = decode(
             |n| match n {

@@ -73,7 +73,9 @@ fn flag<'a>(f: &'a HashMap<String, String>, name: &str) -> Result<&'a str, BoxEr
 }
 
 async fn run(args: Vec<String>) -> Result<(), BoxError> {
-    let (role, rest) = args.split_first().ok_or("usage: txbus-nats-node remote|relay --flag value …")?;
+    let (role, rest) = args
+        .split_first()
+        .ok_or("usage: txbus-nats-node remote|relay --flag value …")?;
     let f = flags(rest)?;
     let dir = PathBuf::from(flag(&f, "dir")?);
     std::fs::create_dir_all(&dir)?;
