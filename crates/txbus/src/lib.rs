@@ -47,3 +47,13 @@ pub use txbus_postgres::{PostgresOptions, PostgresStore};
 /// upcasters (feature `es`).
 #[cfg(feature = "es")]
 pub use txbus_es as es;
+
+/// The outbox relay and the idempotent inbox, independent of any broker (feature `relay`,
+/// on with every broker feature).
+#[cfg(feature = "relay")]
+pub use txbus_relay as relay;
+
+/// NATS JetStream: the relay's publisher, the inbox's pull consumer, and `transact` across
+/// services (feature `nats`).
+#[cfg(feature = "nats")]
+pub use txbus_nats as nats;
