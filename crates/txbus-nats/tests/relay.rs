@@ -146,6 +146,8 @@ async fn relay_killed_mid_batch_resumes_from_its_checkpoint_and_nothing_is_lost(
             prefix.clone(),
             "--name".into(),
             "out".into(),
+            "--pace-ms".into(),
+            "15".into(),
         ];
         if commit {
             a.extend(["--commit".into(), N.to_string()]);
@@ -167,6 +169,28 @@ async fn relay_killed_mid_batch_resumes_from_its_checkpoint_and_nothing_is_lost(
     }
     node.kill();
     assert!(at_kill > 0, "the relay published before it was killed");
+    // The checkpoint never covers more than the broker holds: it advanced only after
+    // confirmations.
+    let stored = stream_messages(&js, &stream).await;
+    assert!(stored < N as u64, "killed before the relay was done");
+    {
+        let bus = Bus::builder()
+            .store(SqliteStore::open(origin.path().join("bus.db")).unwrap())
+            .start_paused(true)
+            .build()
+            .await
+            .unwrap();
+        let checkpoint = read_checkpoint(&bus, "out").await.unwrap();
+        assert!(
+            checkpoint > 0,
+            "some batches were confirmed and checkpointed"
+        );
+        assert!(
+            checkpoint * 100 <= stored,
+            "checkpoint at commit {checkpoint} (100 messages each) but the broker holds {stored}"
+        );
+        bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
 
     let again: Vec<String> = args(false);
     let node = Node::start(&again.iter().map(String::as_str).collect::<Vec<_>>());

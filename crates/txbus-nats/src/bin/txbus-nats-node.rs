@@ -8,9 +8,10 @@
 //!   `D/seen.log`, sleeps `slow_ms` from the payload, and rejects with the payload's `reject`
 //!   reason when it has one.
 //!
-//! `txbus-nats-node relay --dir D --stream S --prefix P --name R [--commit N]`
-//!   commits `N` events first (when given), then relays the log to subjects `P.<module>.<type>`
-//!   until everything is confirmed, prints `drained` and exits.
+//! `txbus-nats-node relay --dir D --stream S --prefix P --name R [--commit N] [--pace-ms M]`
+//!   commits `N` events first (when given), 100 per commit, then relays the log to subjects
+//!   `P.<module>.<type>` one commit per batch, waiting `M` ms before each batch (so that a test
+//!   can kill it half-way), until everything is confirmed; prints `drained` and exits.
 //!
 //! Each prints `ready` on stdout once it is running.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -23,7 +24,7 @@ use std::time::Duration;
 use serde_json::json;
 use txbus_core::{Bus, Event, HandlerError, Message, On};
 use txbus_nats::{ConsumerSpec, JetStreamPublisher, JetStreamSource, NatsReplier, StreamSpec};
-use txbus_relay::{Inbox, Relay, SubjectRoute};
+use txbus_relay::{Inbox, OutboundMessage, Publisher, Relay, SubjectRoute};
 use txbus_sqlite::SqliteStore;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -178,9 +179,14 @@ async fn relay(
                 .await?;
         }
     }
-    let relay = Relay::builder(bus.clone(), name, JetStreamPublisher::new(js))
+    let pace = Duration::from_millis(f.get("pace-ms").map_or(Ok(0), |v| v.parse())?);
+    let publisher = Paced {
+        inner: JetStreamPublisher::new(js),
+        pace,
+    };
+    let relay = Relay::builder(bus.clone(), name, publisher)
         .route(SubjectRoute::new(prefix))
-        .read_batch(8)
+        .read_batch(1)
         .max_in_flight(400)
         .start()
         .await?;
@@ -192,4 +198,21 @@ async fn relay(
     std::io::stdout().flush()?;
     bus.shutdown(Duration::from_secs(5)).await?;
     Ok(())
+}
+
+/// A publisher that waits before each batch: slows the relay down so that a test can kill it
+/// with batches in flight.
+struct Paced<P> {
+    inner: P,
+    pace: Duration,
+}
+
+impl<P: Publisher> Publisher for Paced<P> {
+    type Error = P::Error;
+    type Confirm = P::Confirm;
+
+    async fn send_batch(&self, batch: &[OutboundMessage]) -> Result<Self::Confirm, Self::Error> {
+        tokio::time::sleep(self.pace).await;
+        self.inner.send_batch(batch).await
+    }
 }
