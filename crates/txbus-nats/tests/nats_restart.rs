@@ -110,8 +110,9 @@ fn restart_server() -> Restore {
         assert!(Instant::now() < deadline, "nats-server did not stop");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Down for a moment, under load.
-    std::thread::sleep(Duration::from_millis(500));
+    // Down for longer than a publish waits for its ack (5 s), under load: the relay's batches
+    // in flight fail, and it sends again from its checkpoint after the restart.
+    std::thread::sleep(Duration::from_secs(6));
     start_server(&server.exe, &server.args);
     restore
 }
