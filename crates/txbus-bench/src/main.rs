@@ -6,8 +6,11 @@
 //! ```
 //!
 //! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `raw-postgres`,
-//! `pending-memory`, `all`; over NATS JetStream: `relay-nats` and `raw-nats` (run together),
-//! `transact-remote`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
+//! `pending-memory`, `all`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
+//!
+//! Relays to RabbitMQ and Redis Streams, beside the raw publish rate of the same client:
+//! `relay-rabbitmq` with `raw-rabbitmq`, `relay-redis` with `raw-redis` (each pair runs
+//! together).
 //!
 //! Event sourcing (`txbus-es`): `append`, `append-batch-100`, `load-aggregate-10k`, and `es`
 //! for the three.
@@ -21,7 +24,7 @@
 mod es;
 mod raw_postgres;
 mod raw_sqlite;
-mod relay_nats;
+mod relay_brokers;
 mod report;
 mod scenarios;
 mod store;
@@ -43,8 +46,7 @@ pub struct Args {
 
 const USAGE: &str =
     "usage: txbus-bench <scenario> [--json] [--secs N] [--callers N] [--dir PATH] [--pending N]
-scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, all,
-           relay-nats, raw-nats, transact-remote";
+scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, all";
 
 fn parse() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
@@ -106,6 +108,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    if let Some(result) = rt.block_on(relay_brokers::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Some(result) = rt.block_on(es::run(&args)) {
         if let Err(e) = result {
             eprintln!("txbus-bench: {e}");
@@ -113,12 +122,7 @@ fn main() {
         }
         return;
     }
-    let result = rt.block_on(async {
-        match relay_nats::run(&args).await {
-            Some(result) => result,
-            None => scenarios::run(&args).await,
-        }
-    });
+    let result = rt.block_on(scenarios::run(&args));
     if let Err(e) = result {
         eprintln!("txbus-bench: {e}");
         std::process::exit(1);

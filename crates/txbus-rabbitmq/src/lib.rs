@@ -39,5 +39,7 @@ pub mod publisher;
 pub mod source;
 
 pub use error::Error;
-pub use publisher::RabbitPublisher;
+/// The AMQP client this crate speaks through.
+pub use lapin;
+pub use publisher::{message_properties, RabbitPublisher};
 pub use source::{RabbitAcker, RabbitSource};

@@ -137,8 +137,9 @@ impl RabbitPublisher {
     }
 }
 
-/// The AMQP properties of a relayed message.
-pub(crate) fn properties(message: &OutboundMessage) -> Result<BasicProperties, Error> {
+/// The AMQP properties a relayed message carries: persistent, JSON, its message id, and the
+/// [`wire`] headers.
+pub fn message_properties(message: &OutboundMessage) -> Result<BasicProperties, Error> {
     let mut headers = FieldTable::default();
     for (name, value) in wire::headers(message) {
         headers.insert(
@@ -178,7 +179,7 @@ impl Publisher for RabbitPublisher {
                     routing_key,
                     options,
                     &message.payload,
-                    properties(message)?,
+                    message_properties(message)?,
                 )
                 .await;
             match sent {

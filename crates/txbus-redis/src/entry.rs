@@ -8,8 +8,9 @@ use txbus_relay::{InboundMessage, OutboundMessage};
 /// fields.
 pub const PAYLOAD_FIELD: &str = "payload";
 
-/// The field–value pairs of a message's entry.
-pub(crate) fn fields(message: &OutboundMessage) -> Vec<(&'static str, Vec<u8>)> {
+/// The field–value pairs of a relayed message's stream entry: the payload, then the [`wire`]
+/// headers.
+pub fn entry_fields(message: &OutboundMessage) -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::with_capacity(8);
     out.push((PAYLOAD_FIELD, message.payload.to_vec()));
     for (name, value) in wire::headers(message) {

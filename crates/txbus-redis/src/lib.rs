@@ -37,7 +37,9 @@ pub mod error;
 pub mod publisher;
 pub mod source;
 
-pub use entry::PAYLOAD_FIELD;
+pub use entry::{entry_fields, PAYLOAD_FIELD};
 pub use error::Error;
+/// The Redis client this crate speaks through.
+pub use redis;
 pub use publisher::RedisPublisher;
 pub use source::{RedisAcker, RedisSource};

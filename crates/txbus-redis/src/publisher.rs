@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use txbus_relay::{OutboundMessage, Publisher};
 
 use crate::connect;
-use crate::entry::fields;
+use crate::entry::entry_fields;
 use crate::error::Error;
 
 /// Appends relayed messages to Redis streams: one `XADD` per message to the stream named by
@@ -103,7 +103,7 @@ impl RedisPublisher {
                 cmd.arg("MAXLEN").arg("~").arg(n);
             }
             cmd.arg("*");
-            for (name, value) in fields(message) {
+            for (name, value) in entry_fields(message) {
                 cmd.arg(name).arg(value);
             }
         }
