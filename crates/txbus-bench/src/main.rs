@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `raw-postgres`,
-//! `pending-memory`, `all`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
+//! `pending-memory`, `all`; over NATS JetStream: `relay-nats` and `raw-nats` (run together),
+//! `transact-remote`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
 //!
 //! Relays to RabbitMQ and Redis Streams, beside the raw publish rate of the same client:
 //! `relay-rabbitmq` with `raw-rabbitmq`, `relay-redis` with `raw-redis` (each pair runs
@@ -25,6 +26,7 @@ mod es;
 mod raw_postgres;
 mod raw_sqlite;
 mod relay_brokers;
+mod relay_nats;
 mod report;
 mod scenarios;
 mod store;
@@ -46,7 +48,8 @@ pub struct Args {
 
 const USAGE: &str =
     "usage: txbus-bench <scenario> [--json] [--secs N] [--callers N] [--dir PATH] [--pending N]
-scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, all";
+scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, all,
+           relay-nats, raw-nats, transact-remote";
 
 fn parse() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
@@ -122,7 +125,12 @@ fn main() {
         }
         return;
     }
-    let result = rt.block_on(scenarios::run(&args));
+    let result = rt.block_on(async {
+        match relay_nats::run(&args).await {
+            Some(result) => result,
+            None => scenarios::run(&args).await,
+        }
+    });
     if let Err(e) = result {
         eprintln!("txbus-bench: {e}");
         std::process::exit(1);
