@@ -253,7 +253,12 @@ async fn raw_rabbitmq(conn: &lapin::Connection, exchange: &str) -> Result<Line, 
         }
     }
     let elapsed = start.elapsed();
-    Ok(Line::new("raw-rabbitmq", MESSAGES as u64, elapsed, Vec::new()))
+    Ok(Line::new(
+        "raw-rabbitmq",
+        MESSAGES as u64,
+        elapsed,
+        Vec::new(),
+    ))
 }
 
 fn confirmed(c: Confirmation) -> Result<(), BoxError> {
@@ -275,12 +280,18 @@ async fn redis_pair(args: &Args) -> Result<(), BoxError> {
         move |_: &txbus::StoredMessage| stream.clone()
     };
     let relay = time_relay(&bus, RedisPublisher::new(&url)?, route, "relay-redis").await?;
-    let _: redis::Value = redis::cmd("DEL").arg(&stream).query_async(&mut conn).await?;
+    let _: redis::Value = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await?;
     bus.shutdown(Duration::from_secs(5)).await?;
 
     let stream = format!("bench-raw-{}", uuid::Uuid::now_v7().simple());
     let raw = raw_redis(&client, &stream).await?;
-    let _: redis::Value = redis::cmd("DEL").arg(&stream).query_async(&mut conn).await?;
+    let _: redis::Value = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut conn)
+        .await?;
     ratio_check(args, &relay, &raw);
     Ok(())
 }

@@ -39,7 +39,7 @@ pub mod source;
 
 pub use entry::{entry_fields, PAYLOAD_FIELD};
 pub use error::Error;
+pub use publisher::RedisPublisher;
 /// The Redis client this crate speaks through.
 pub use redis;
-pub use publisher::RedisPublisher;
 pub use source::{RedisAcker, RedisSource};
