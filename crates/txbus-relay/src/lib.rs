@@ -41,6 +41,8 @@
 //! ```
 
 mod checkpoint;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod error;
 mod inbound;
 mod inbox;
