@@ -15,6 +15,9 @@
 //!
 //! Event sourcing (`txbus-es`): `append`, `append-batch-100`, `load-aggregate-10k`, and `es`
 //! for the three.
+//!
+//! CQRS (`txbus-cqrs`): `command` (a command through the command bus to an aggregate
+//! repository) and `query-cached` (query cache hits), and `cqrs` for both.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -22,6 +25,7 @@
     clippy::expect_used
 )]
 
+mod cqrs;
 mod es;
 mod raw_postgres;
 mod raw_sqlite;
@@ -112,6 +116,13 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     if let Some(result) = rt.block_on(relay_brokers::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(result) = rt.block_on(cqrs::run(&args)) {
         if let Err(e) = result {
             eprintln!("txbus-bench: {e}");
             std::process::exit(1);
