@@ -112,7 +112,9 @@ pub trait ExternalProjection: Send + Sync + 'static {
     async fn handle(&self, events: &[LogEvent]) -> Result<(), BoxError>;
 
     /// Clears the external read model, before a rebuild replays the log from the start.
-    /// The default does nothing (for side effects that need no clearing).
+    /// It may run again (a crash during a rebuild resumes the clearing on the next start), so
+    /// it must be idempotent. The default does nothing (for side effects that need no
+    /// clearing).
     async fn reset(&self) -> Result<(), BoxError> {
         Ok(())
     }
