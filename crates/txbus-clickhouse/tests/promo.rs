@@ -291,8 +291,9 @@ async fn replayed_promo_event_does_not_double_count() {
     .await
     .expect("replays handled within the hang guard");
 
-    // Each row went in twice; the analytics count each redemption once.
-    assert_eq!(world.count("SELECT count() FROM {table}").await, 2 * n);
+    // Each row went in twice (background merges may already have dropped some copies); the
+    // analytics count each redemption once.
+    assert_eq!(sink.stats().rows, 2 * n);
     assert_eq!(world.count("SELECT count() FROM {table} FINAL").await, n);
     assert_eq!(
         world

@@ -162,11 +162,9 @@ async fn redelivery_does_not_double_count() {
     }
     all_ok(ops).await;
 
-    // Every row went in twice; queries that read with FINAL count each message once.
-    assert_eq!(
-        count(&client, &format!("SELECT count() FROM {table}")).await,
-        2 * n
-    );
+    // Every row went in twice (background merges may already have dropped some copies);
+    // queries that read with FINAL count each message once.
+    assert_eq!(sink.stats().rows, 2 * n);
     assert_eq!(
         count(&client, &format!("SELECT count() FROM {table} FINAL")).await,
         n
@@ -188,7 +186,7 @@ async fn redelivery_does_not_double_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_duplicate_delivery_in_the_same_batch_counts_once() {
+async fn two_deliveries_of_one_message_count_once() {
     let table = unique_table("same_batch");
     let client = Client::new(CLICKHOUSE).unwrap();
     let sink = ClickHouseSink::builder(client.clone(), &table)
@@ -196,7 +194,7 @@ async fn a_duplicate_delivery_in_the_same_batch_counts_once() {
         .build()
         .unwrap();
     sink.create_default_table().await.unwrap();
-    // Two deliveries of one message (two handler names on one bus) race into one batch.
+    // Two deliveries of one message (two handler names on one bus), most likely in one batch.
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::builder()
         .store(SqliteStore::open(dir.path().join("bus.db")).unwrap())
@@ -210,10 +208,7 @@ async fn a_duplicate_delivery_in_the_same_batch_counts_once() {
         .await
         .unwrap();
     all_ok(vec![op]).await;
-    assert_eq!(
-        count(&client, &format!("SELECT count() FROM {table}")).await,
-        2
-    );
+    assert_eq!(sink.stats().rows, 2);
     assert_eq!(
         count(&client, &format!("SELECT count() FROM {table} FINAL")).await,
         1

