@@ -126,12 +126,13 @@ fn line(name: &str, lat: Vec<u64>, elapsed: Duration) -> Line {
 }
 
 /// One caller sends deposits through the command bus (tracing and validation middleware) to
-/// the account repository, over a thousand accounts: each is a load (snapshot + tail), the
+/// the account repository, over a thousand accounts: each is a load (its stream), the
 /// aggregate's decision, and a durable save with the exact version.
 async fn command(args: &Args) -> Result<(), BoxError> {
     let target = Target::new(args).await?;
     let bus = open(&target).await?;
-    let accounts = Repository::<Account>::new(EventStore::new(bus.clone())).snapshot_every(50);
+    // The repository's defaults: no snapshots (each account's stream stays short here).
+    let accounts = Repository::<Account>::new(EventStore::new(bus.clone()));
     let commands = CommandBus::builder()
         .middleware(Tracing)
         .middleware(Validation)
