@@ -34,6 +34,8 @@
 //! scale-out store, `PostgresStore` (many bus processes on one database).
 //! `es` brings event sourcing as the module `es` (aggregates, repositories, snapshots,
 //! projections).
+//! `cqrs` brings the module `cqrs` (command and query buses, idempotency keys and their HTTP
+//! layer).
 
 pub use txbus_core::*;
 
@@ -57,3 +59,9 @@ pub use txbus_relay as relay;
 /// services (feature `nats`).
 #[cfg(feature = "nats")]
 pub use txbus_nats as nats;
+
+/// CQRS: the command bus (validation, tracing, idempotency middleware), the query bus with its
+/// checkpoint-invalidated cache, idempotency keys and the `Idempotency-Key` layer for axum
+/// (feature `cqrs`).
+#[cfg(feature = "cqrs")]
+pub use txbus_cqrs as cqrs;
