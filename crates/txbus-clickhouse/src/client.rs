@@ -86,43 +86,27 @@ impl Client {
             .map(drop)
     }
 
-    /// One POST with `query_params` added to the configured ones.
+    /// One POST with `query_params` added to the configured ones. A kept-alive connection
+    /// that the server closed while idle fails before any answer; the request is then sent
+    /// once more on a new connection (safe for the sink: a repeated insert counts once).
     async fn request(&self, query_params: String, body: Bytes) -> Result<Bytes, Error> {
         let inner = &self.inner;
-        let exchange = async {
-            let mut sender = self.connection().await?;
-            let mut path = String::from("/?");
-            path.push_str(&inner.params);
-            if !query_params.is_empty() {
-                if !inner.params.is_empty() {
-                    path.push('&');
-                }
-                path.push_str(&query_params);
+        let mut path = String::from("/?");
+        path.push_str(&inner.params);
+        if !query_params.is_empty() {
+            if !inner.params.is_empty() {
+                path.push('&');
             }
-            let request = http::Request::post(path)
-                .header(http::header::HOST, &inner.host)
-                .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                .body(Full::new(body))
-                .map_err(|e| Error::Config(format!("cannot build the HTTP request: {e}")))?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|source| self.http_error(source))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|source| self.http_error(source))?
-                .to_bytes();
-            self.give_back(sender);
-            if status.is_success() {
-                Ok(bytes)
-            } else {
-                Err(Error::Server {
-                    status: status.as_u16(),
-                    message: String::from_utf8_lossy(&bytes).trim().to_owned(),
-                })
+            path.push_str(&query_params);
+        }
+        let exchange = async {
+            let (sender, reused) = self.connection().await?;
+            match self.exchange(sender, &path, body.clone()).await {
+                Err(Error::Http { .. }) if reused => {
+                    let (sender, _) = self.new_connection().await?;
+                    self.exchange(sender, &path, body).await
+                }
+                other => other,
             }
         };
         tokio::time::timeout(inner.timeout, exchange)
@@ -135,6 +119,39 @@ impl Client {
             })
     }
 
+    async fn exchange(
+        &self,
+        mut sender: SendRequest<Full<Bytes>>,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Bytes, Error> {
+        let request = http::Request::post(path)
+            .header(http::header::HOST, &self.inner.host)
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(body))
+            .map_err(|e| Error::Config(format!("cannot build the HTTP request: {e}")))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| self.http_error(source))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| self.http_error(source))?
+            .to_bytes();
+        self.give_back(sender);
+        if status.is_success() {
+            Ok(bytes)
+        } else {
+            Err(Error::Server {
+                status: status.as_u16(),
+                message: String::from_utf8_lossy(&bytes).trim().to_owned(),
+            })
+        }
+    }
+
     fn http_error(&self, source: hyper::Error) -> Error {
         Error::Http {
             address: self.inner.address.clone(),
@@ -142,8 +159,8 @@ impl Client {
         }
     }
 
-    /// An idle pooled connection that is still open, or a new one.
-    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, Error> {
+    /// An idle pooled connection that is still open (`true`: reused), or a new one.
+    async fn connection(&self) -> Result<(SendRequest<Full<Bytes>>, bool), Error> {
         loop {
             let pooled = self
                 .inner
@@ -153,9 +170,13 @@ impl Client {
                 .pop();
             let Some(mut sender) = pooled else { break };
             if !sender.is_closed() && sender.ready().await.is_ok() {
-                return Ok(sender);
+                return Ok((sender, true));
             }
         }
+        self.new_connection().await
+    }
+
+    async fn new_connection(&self) -> Result<(SendRequest<Full<Bytes>>, bool), Error> {
         let address = &self.inner.address;
         let stream = TcpStream::connect(address.as_str())
             .await
@@ -173,7 +194,7 @@ impl Client {
                 tracing::debug!(%address, error = %e, "ClickHouse connection closed");
             }
         });
-        Ok(sender)
+        Ok((sender, false))
     }
 
     fn give_back(&self, sender: SendRequest<Full<Bytes>>) {
