@@ -182,7 +182,8 @@ impl Shop {
         if order.card == "declined" {
             return Err("card declined".into());
         }
-        s.payments.insert(order.order_id.clone(), PaymentStatus::Charged);
+        s.payments
+            .insert(order.order_id.clone(), PaymentStatus::Charged);
         Ok(payment_id)
     }
 
@@ -297,7 +298,8 @@ fn order_saga(shop: &Shop) -> Result<Saga, txbus_saga::Error> {
                     let settled = json!({"payment_id": payment_id});
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(20)).await;
-                        let event = Event::new("payment.settled", settled).correlation_id(correlation);
+                        let event =
+                            Event::new("payment.settled", settled).correlation_id(correlation);
                         if let Err(e) = bus.publish(event).await {
                             tracing::warn!(error = %e, "webhook could not publish");
                         }
@@ -371,19 +373,34 @@ fn order_in(msg: &Message) -> Result<Order, HandlerError> {
 }
 
 fn id_in(msg: &Message) -> String {
-    msg.payload()["order_id"].as_str().unwrap_or_default().to_owned()
+    msg.payload()["order_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// The services as reactions to each other's events.
-fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> Result<txbus_core::BusBuilder, BoxError> {
+fn choreographed_bus(
+    shop: &Shop,
+    reactor: &Reactor,
+    path: &std::path::Path,
+) -> Result<txbus_core::BusBuilder, BoxError> {
     let s = shop.clone();
     let payment_charge = reactor.handler(move |msg: Message| {
         let shop = s.clone();
         async move {
             let order = order_in(&msg)?;
             Ok(match shop.charge(&order) {
-                Ok(payment_id) => vec![Event::new("payment.processed", json!({"order_id": order.order_id, "payment_id": payment_id})).module("payment")],
-                Err(reason) if reason == "card declined" => vec![Event::new("payment.failed", json!({"order_id": order.order_id, "reason": reason})).module("payment")],
+                Ok(payment_id) => vec![Event::new(
+                    "payment.processed",
+                    json!({"order_id": order.order_id, "payment_id": payment_id}),
+                )
+                .module("payment")],
+                Err(reason) if reason == "card declined" => vec![Event::new(
+                    "payment.failed",
+                    json!({"order_id": order.order_id, "reason": reason}),
+                )
+                .module("payment")],
                 // Cancelled before it was charged: nothing to do.
                 Err(_) => Vec::new(),
             })
@@ -398,8 +415,15 @@ fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> 
                 return Ok(Vec::new());
             }
             Ok(match shop.reserve(&order) {
-                Ok(()) => vec![Event::new("items.reserved", json!({"order_id": order.order_id})).module("inventory")],
-                Err(reason) if reason.contains("not available") => vec![Event::new("items.not-available", json!({"order_id": order.order_id, "reason": reason})).module("inventory")],
+                Ok(()) => vec![
+                    Event::new("items.reserved", json!({"order_id": order.order_id}))
+                        .module("inventory"),
+                ],
+                Err(reason) if reason.contains("not available") => vec![Event::new(
+                    "items.not-available",
+                    json!({"order_id": order.order_id, "reason": reason}),
+                )
+                .module("inventory")],
                 Err(_) => Vec::new(),
             })
         }
@@ -411,7 +435,11 @@ fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> 
         async move {
             let order_id = id_in(&msg);
             let held = shop.release(&order_id);
-            Ok(vec![Event::new("items.released", json!({"order_id": order_id, "held": held})).module("inventory")])
+            Ok(vec![Event::new(
+                "items.released",
+                json!({"order_id": order_id, "held": held}),
+            )
+            .module("inventory")])
         }
     });
     let s = shop.clone();
@@ -421,7 +449,11 @@ fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> 
         async move {
             let order_id = id_in(&msg);
             let charged = shop.refund(&order_id);
-            Ok(vec![Event::new("payment.refunded", json!({"order_id": order_id, "charged": charged})).module("payment")])
+            Ok(vec![Event::new(
+                "payment.refunded",
+                json!({"order_id": order_id, "charged": charged}),
+            )
+            .module("payment")])
         }
     });
     let cancel = |shop: Shop| {
@@ -430,7 +462,11 @@ fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> 
             async move {
                 let order_id = id_in(&msg);
                 Ok(if shop.cancel_order(&order_id) {
-                    vec![Event::new("order.cancelled", json!({"order_id": order_id, "because": msg.event_type()})).module("order")]
+                    vec![Event::new(
+                        "order.cancelled",
+                        json!({"order_id": order_id, "because": msg.event_type()}),
+                    )
+                    .module("order")]
                 } else {
                     Vec::new()
                 })
@@ -443,7 +479,8 @@ fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> 
             async move {
                 let order_id = id_in(&msg);
                 Ok(if shop.confirm(&order_id) {
-                    vec![Event::new("order.confirmed", json!({"order_id": order_id})).module("order")]
+                    vec![Event::new("order.confirmed", json!({"order_id": order_id}))
+                        .module("order")]
                 } else {
                     Vec::new()
                 })
@@ -456,19 +493,51 @@ fn choreographed_bus(shop: &Shop, reactor: &Reactor, path: &std::path::Path) -> 
         async move {
             let order_id = id_in(&msg);
             let shipment = shop.ship(&order_id);
-            Ok(vec![Event::new("shipment.created", json!({"order_id": order_id, "shipment_id": shipment})).module("shipment")])
+            Ok(vec![Event::new(
+                "shipment.created",
+                json!({"order_id": order_id, "shipment_id": shipment}),
+            )
+            .module("shipment")])
         }
     });
     Ok(Bus::builder()
         .store(SqliteStore::open(path)?)
         .handler("payment/charge", On::event("order.placed"), payment_charge)
-        .handler("inventory/reserve", On::event("order.placed"), inventory_reserve)
-        .handler("inventory/release", On::event("payment.failed"), inventory_release)
-        .handler("payment/refund", On::event("items.not-available"), payment_refund)
-        .handler("order/cancel-unpaid", On::event("payment.failed"), cancel(shop.clone()))
-        .handler("order/cancel-unavailable", On::event("items.not-available"), cancel(shop.clone()))
-        .handler("order/confirm-paid", On::event("payment.processed"), confirm(shop.clone()))
-        .handler("order/confirm-reserved", On::event("items.reserved"), confirm(shop.clone()))
+        .handler(
+            "inventory/reserve",
+            On::event("order.placed"),
+            inventory_reserve,
+        )
+        .handler(
+            "inventory/release",
+            On::event("payment.failed"),
+            inventory_release,
+        )
+        .handler(
+            "payment/refund",
+            On::event("items.not-available"),
+            payment_refund,
+        )
+        .handler(
+            "order/cancel-unpaid",
+            On::event("payment.failed"),
+            cancel(shop.clone()),
+        )
+        .handler(
+            "order/cancel-unavailable",
+            On::event("items.not-available"),
+            cancel(shop.clone()),
+        )
+        .handler(
+            "order/confirm-paid",
+            On::event("payment.processed"),
+            confirm(shop.clone()),
+        )
+        .handler(
+            "order/confirm-reserved",
+            On::event("items.reserved"),
+            confirm(shop.clone()),
+        )
         .handler("shipment/create", On::event("order.confirmed"), ship))
 }
 
@@ -486,8 +555,12 @@ pub async fn choreographed(scenario: Scenario, dir: &std::path::Path) -> Result<
     let order_value = order.clone();
     let order: Order = serde_json::from_value(order)?;
     shop.create_order(&order);
-    bus.publish(Event::new("order.placed", order_value).module("order").correlation_id(order_id))
-        .await?;
+    bus.publish(
+        Event::new("order.placed", order_value)
+            .module("order")
+            .correlation_id(order_id),
+    )
+    .await?;
 
     // The flow has ended when its last event is in the log and no delivery is left.
     let last = match scenario {
@@ -520,11 +593,18 @@ fn describe(event: &SagaEvent) -> String {
     match event {
         SagaEvent::Started { saga_type, .. } => format!("started ({saga_type})"),
         SagaEvent::StepRequested { name, .. } => format!("step requested: {name}"),
-        SagaEvent::StepAttemptFailed { name, attempt, error, .. } => {
+        SagaEvent::StepAttemptFailed {
+            name,
+            attempt,
+            error,
+            ..
+        } => {
             format!("step {name} attempt {attempt} failed: {error}")
         }
         SagaEvent::EventArrived { name, .. } => format!("event for {name} arrived early"),
-        SagaEvent::StepCompleted { name, output, .. } => format!("step completed: {name} → {output}"),
+        SagaEvent::StepCompleted { name, output, .. } => {
+            format!("step completed: {name} → {output}")
+        }
         SagaEvent::StepFailed { name, error, .. } => format!("step FAILED: {name}: {error}"),
         SagaEvent::DeadlineExceeded { .. } => "deadline exceeded".into(),
         SagaEvent::Compensating { name, .. } => format!("compensating: {name}"),

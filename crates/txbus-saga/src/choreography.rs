@@ -72,7 +72,9 @@ pub struct Reactor {
 
 impl std::fmt::Debug for Reactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reactor").field("mark_ttl", &self.mark_ttl).finish()
+        f.debug_struct("Reactor")
+            .field("mark_ttl", &self.mark_ttl)
+            .finish()
     }
 }
 
@@ -218,18 +220,25 @@ impl Chain {
 
     /// The first message of a type, if any.
     pub fn find(&self, event_type: &str) -> Option<&Link> {
-        self.links.iter().find(|l| l.message.event_type == event_type)
+        self.links
+            .iter()
+            .find(|l| l.message.event_type == event_type)
     }
 
     /// The message that caused `link`, if it is in the chain.
     pub fn cause_of(&self, link: &Link) -> Option<&Link> {
         let cause = link.message.headers.causation_id.as_deref()?;
-        self.links.iter().find(|l| l.message.id.to_string() == cause)
+        self.links
+            .iter()
+            .find(|l| l.message.id.to_string() == cause)
     }
 
     /// The event types, in log order.
     pub fn event_types(&self) -> Vec<&str> {
-        self.links.iter().map(|l| l.message.event_type.as_str()).collect()
+        self.links
+            .iter()
+            .map(|l| l.message.event_type.as_str())
+            .collect()
     }
 
     /// Messages that name a cause which is not in the chain (a broken link; empty for a
@@ -250,7 +259,11 @@ fn belongs(message: &StoredMessage, correlation_id: &str) -> bool {
 /// Reads the flow of `correlation_id` back from the log: every message whose correlation id it
 /// is (and the message whose id it is, the flow's start), in log order, within the bounds of
 /// `query`.
-pub async fn chain(bus: &Bus, correlation_id: &str, query: ChainQuery) -> Result<Chain, txbus_core::Error> {
+pub async fn chain(
+    bus: &Bus,
+    correlation_id: &str,
+    query: ChainQuery,
+) -> Result<Chain, txbus_core::Error> {
     let mut out = Chain {
         scanned_to: query.after_position,
         ..Chain::default()

@@ -74,11 +74,13 @@ impl StepContext {
     /// What an earlier step produced, decoded; an absent or undecodable output is a
     /// rejection.
     pub fn output_of<T: DeserializeOwned>(&self, step: &str) -> Result<T, HandlerError> {
-        let value = self.outputs.get(step).ok_or_else(|| {
-            HandlerError::reject(format!("step {step:?} has no recorded output"))
-        })?;
-        T::deserialize(value)
-            .map_err(|e| HandlerError::reject(format!("output of step {step:?} does not decode: {e}")))
+        let value = self
+            .outputs
+            .get(step)
+            .ok_or_else(|| HandlerError::reject(format!("step {step:?} has no recorded output")))?;
+        T::deserialize(value).map_err(|e| {
+            HandlerError::reject(format!("output of step {step:?} does not decode: {e}"))
+        })
     }
 
     /// In a compensation: what this step produced when it completed (the payment id a refund
@@ -94,7 +96,10 @@ impl StepContext {
             HandlerError::reject(format!("step {:?} has no recorded output", self.step))
         })?;
         T::deserialize(value).map_err(|e| {
-            HandlerError::reject(format!("output of step {:?} does not decode: {e}", self.step))
+            HandlerError::reject(format!(
+                "output of step {:?} does not decode: {e}",
+                self.step
+            ))
         })
     }
 

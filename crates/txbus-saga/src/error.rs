@@ -11,7 +11,9 @@ pub enum Error {
     #[error("invalid saga definition: {0}")]
     InvalidDefinition(String),
     /// No saga of this type was registered with [`crate::Sagas`].
-    #[error("no saga type {0:?} is registered; add it with SagasBuilder::saga before starting one")]
+    #[error(
+        "no saga type {0:?} is registered; add it with SagasBuilder::saga before starting one"
+    )]
     UnknownSagaType(String),
     /// A saga with this id exists already; nothing was written.
     #[error("saga {0} was started already; read it with SagaRuntime::get")]

@@ -45,7 +45,10 @@ pub(crate) fn install(shared: &Arc<Shared>, mut builder: BusBuilder) -> BusBuild
                         On::event(event_type.clone()),
                         PolicyOverride::default()
                             .max_retries(10)
-                            .backoff(Backoff::exponential(Duration::from_millis(50)).max(Duration::from_secs(5)))
+                            .backoff(
+                                Backoff::exponential(Duration::from_millis(50))
+                                    .max(Duration::from_secs(5)),
+                            )
                             .timeout(shared.options.commit_grace),
                         Awaiter {
                             shared: Arc::clone(shared),
@@ -86,7 +89,10 @@ fn policy(retry: Retry, grace: Duration) -> PolicyOverride {
 enum Attempt<T> {
     Done(T),
     /// Failed; `final_` when it must not be retried (a rejection).
-    Failed { reason: String, rejected: bool },
+    Failed {
+        reason: String,
+        rejected: bool,
+    },
 }
 
 /// Runs user code with a timeout, containing panics.
@@ -148,7 +154,11 @@ impl txbus_core::Handler for StepRunner {
         let id = request_saga(&msg)?;
         let request = msg.id();
         let attempt_no = msg.attempt();
-        let Some(state) = shared.load(&bus, &id, Some(request)).await.map_err(transient)? else {
+        let Some(state) = shared
+            .load(&bus, &id, Some(request))
+            .await
+            .map_err(transient)?
+        else {
             tracing::warn!(saga = %id, "a step request for a saga that does not exist; ignored");
             return Ok(());
         };
@@ -211,7 +221,9 @@ impl txbus_core::Handler for StepRunner {
                 let driven = shared
                     .drive(&bus, &id, Some(request), Some(request), |plan| {
                         failed_for_good = false;
-                        let Some(base) = plan.base() else { return Ok(()) };
+                        let Some(base) = plan.base() else {
+                            return Ok(());
+                        };
                         if !base.awaits(request) {
                             return Ok(());
                         }
@@ -264,7 +276,11 @@ impl txbus_core::Handler for Compensator {
         let id = request_saga(&msg)?;
         let request = msg.id();
         let attempt_no = msg.attempt();
-        let Some(state) = shared.load(&bus, &id, Some(request)).await.map_err(transient)? else {
+        let Some(state) = shared
+            .load(&bus, &id, Some(request))
+            .await
+            .map_err(transient)?
+        else {
             return Ok(());
         };
         if !state.awaits(request) {
@@ -403,7 +419,9 @@ impl txbus_core::Handler for Awaiter {
                         if *i < index
                             && s.status == SagaStatus::Running
                             && !s.deadline_exceeded
-                            && s.steps.get(index).is_some_and(|st| st.early_event.is_none()) =>
+                            && s.steps
+                                .get(index)
+                                .is_some_and(|st| st.early_event.is_none()) =>
                     {
                         plan.push(SagaEvent::EventArrived {
                             step: index,

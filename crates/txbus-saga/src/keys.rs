@@ -67,7 +67,10 @@ mod tests {
         let early = timer_key(999, &id, TimerKind::Wait(3));
         let late = timer_key(1_700_000_000_000, &id, TimerKind::Deadline);
         assert!(early < late);
-        assert_eq!(parse_timer(&early), Some((999, id.clone(), TimerKind::Wait(3))));
+        assert_eq!(
+            parse_timer(&early),
+            Some((999, id.clone(), TimerKind::Wait(3)))
+        );
         assert_eq!(
             parse_timer(&late),
             Some((1_700_000_000_000, id, TimerKind::Deadline))

@@ -27,7 +27,12 @@ pub(crate) struct Plan<'a> {
 
 impl<'a> Plan<'a> {
     /// Changes on top of `base`, caused by the message `cause`.
-    pub(crate) fn new(def: &'a Saga, base: &SagaState, cause: Option<MessageId>, now_ms: i64) -> Self {
+    pub(crate) fn new(
+        def: &'a Saga,
+        base: &SagaState,
+        cause: Option<MessageId>,
+        now_ms: i64,
+    ) -> Self {
         Self {
             def,
             base: Some(base.clone()),
@@ -83,7 +88,12 @@ impl<'a> Plan<'a> {
         self.events.is_empty()
     }
 
-    fn envelope_event(&self, id: &SagaId, saga_type: &str, event: &SagaEvent) -> Result<Event, Error> {
+    fn envelope_event(
+        &self,
+        id: &SagaId,
+        saga_type: &str,
+        event: &SagaEvent,
+    ) -> Result<Event, Error> {
         let correlation = self
             .state
             .as_ref()
@@ -105,7 +115,9 @@ impl<'a> Plan<'a> {
     /// Adds one change.
     pub(crate) fn push(&mut self, event: SagaEvent) -> Result<(), Error> {
         let Some(state) = self.state.as_ref() else {
-            return Err(Error::InvalidDefinition("internal: a change before `started`".into()));
+            return Err(Error::InvalidDefinition(
+                "internal: a change before `started`".into(),
+            ));
         };
         let (id, saga_type) = (state.id.clone(), state.saga_type.clone());
         let stored = self.envelope_event(&id, &saga_type, &event)?;
@@ -181,7 +193,10 @@ impl<'a> Plan<'a> {
             return Ok(());
         };
         let next = state.completed.iter().rev().copied().find(|&i| {
-            self.def.steps.get(i).is_some_and(|s| s.compensation.is_some())
+            self.def
+                .steps
+                .get(i)
+                .is_some_and(|s| s.compensation.is_some())
                 && state
                     .steps
                     .get(i)
@@ -203,7 +218,10 @@ impl<'a> Plan<'a> {
     }
 
     /// The commit's events and the saga after them.
-    pub(crate) fn finish(self, options: &KvOptions) -> Option<(SagaState, Vec<Event>, Vec<KvWrite>)> {
+    pub(crate) fn finish(
+        self,
+        options: &KvOptions,
+    ) -> Option<(SagaState, Vec<Event>, Vec<KvWrite>)> {
         let state = self.state?;
         let kv = kv_changes(self.base.as_ref(), &state, options);
         Some((state, self.events, kv))
@@ -287,7 +305,8 @@ fn kv_changes(before: Option<&SagaState>, after: &SagaState, options: &KvOptions
     let correlation = keys::correlation_key(&after.saga_type, &after.correlation_id);
     match before {
         None => writes.push(
-            KvWrite::put(correlation, after.id.as_str().as_bytes().to_vec()).expect(KvExpect::Absent),
+            KvWrite::put(correlation, after.id.as_str().as_bytes().to_vec())
+                .expect(KvExpect::Absent),
         ),
         Some(b) if !b.status.is_finished() && after.status.is_finished() => {
             writes.push(KvWrite::delete(correlation));

@@ -238,9 +238,7 @@ mod tests {
                 attempts: 2,
             },
         };
-        let event = envelope
-            .to_event("order", "corr", None)
-            .unwrap();
+        let event = envelope.to_event("order", "corr", None).unwrap();
         assert_eq!(event.event_type(), "saga.step-completed");
         let json = serde_json::to_value(&envelope).unwrap();
         assert_eq!(json["change"], "step-completed");

@@ -115,7 +115,9 @@ impl SagasBuilder {
     /// Checks that saga types are unique and builds the registry.
     pub fn build(self) -> Result<Sagas, Error> {
         if self.options.timer_poll.is_zero() {
-            return Err(Error::InvalidDefinition("timer_poll must be above zero".into()));
+            return Err(Error::InvalidDefinition(
+                "timer_poll must be above zero".into(),
+            ));
         }
         let mut defs = HashMap::new();
         for def in self.defs {
@@ -229,7 +231,8 @@ impl SagaRuntime {
     /// Starts a saga of type `saga_type` with `input`: one durable commit of its `started`
     /// change and its first step's request (and its status entry). Returns once durable.
     pub async fn start(&self, saga_type: &str, input: impl Serialize) -> Result<SagaId, Error> {
-        self.start_with(saga_type, input, StartOptions::default()).await
+        self.start_with(saga_type, input, StartOptions::default())
+            .await
     }
 
     /// Starts a saga with a chosen id or correlation id.
@@ -263,38 +266,53 @@ impl SagaRuntime {
 
     /// A saga's state, read from its stream; `None` when no such saga exists.
     pub async fn get(&self, id: &SagaId) -> Result<Option<SagaState>, Error> {
-        Ok(self
-            .shared
-            .get(&self.bus, id)
-            .await?
-            .map(|s| (*s).clone()))
+        Ok(self.shared.get(&self.bus, id).await?.map(|s| (*s).clone()))
     }
 
     /// Waits until the saga has settled (completed, failed, or needs attention) and returns
-    /// its state. Changes made by this process wake it at once; changes made elsewhere are
-    /// seen when the log moves, or at the latest every `timer_poll`.
+    /// its state. Changes made by this process wake it at once, without a read; on a shared
+    /// store, changes made elsewhere are seen when the log moves, and at the latest every
+    /// `timer_poll`.
     pub async fn wait(&self, id: &SagaId) -> Result<SagaState, Error> {
         let mut local = self.shared.waiter(id);
         let _guard = WaiterGuard {
             shared: &self.shared,
             id: id.clone(),
         };
+        let shared_store = self.bus.store().is_shared();
         let mut log = self.bus.log_changes();
+        log.borrow_and_update();
+        let mut state = self
+            .shared
+            .get(&self.bus, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.clone()))?;
         loop {
-            local.borrow_and_update();
-            log.borrow_and_update();
-            let state = self
-                .shared
-                .get(&self.bus, id)
-                .await?
-                .ok_or_else(|| Error::NotFound(id.clone()))?;
             if state.status.is_settled() {
                 return Ok((*state).clone());
             }
-            tokio::select! {
-                _ = local.changed() => {}
-                _ = log.changed() => {}
-                () = tokio::time::sleep(self.shared.options.timer_poll) => {}
+            let read = tokio::select! {
+                changed = local.changed() => match changed {
+                    Ok(()) => {
+                        let pushed = local.borrow_and_update().clone();
+                        if let Some(s) = pushed.filter(|s| s.version > state.version) {
+                            state = s;
+                        }
+                        false
+                    }
+                    // Unreachable while this receiver lives; fall back to polling.
+                    Err(_) => {
+                        tokio::time::sleep(self.shared.options.timer_poll).await;
+                        true
+                    }
+                },
+                _ = log.changed(), if shared_store => true,
+                () = tokio::time::sleep(self.shared.options.timer_poll) => true,
+            };
+            if read {
+                if let Some(s) = self.shared.get(&self.bus, id).await? {
+                    state = s;
+                }
             }
         }
     }
@@ -317,7 +335,9 @@ impl SagaRuntime {
         for entry in entries {
             match serde_json::from_slice::<SagaSummary>(&entry.value) {
                 Ok(summary) => out.push(summary),
-                Err(e) => tracing::warn!(key = %entry.key, error = %e, "unreadable saga status entry skipped"),
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "unreadable saga status entry skipped")
+                }
             }
         }
         Ok(out)
@@ -336,12 +356,10 @@ impl SagaRuntime {
                 .await?;
             let count = page.len();
             for e in page {
-                let envelope: Envelope =
-                    serde_json::from_value(e.message.payload.clone()).map_err(|err| {
-                        Error::Corrupt {
-                            id: id.clone(),
-                            reason: format!("change {} is unreadable: {err}", e.version),
-                        }
+                let envelope: Envelope = serde_json::from_value(e.message.payload.clone())
+                    .map_err(|err| Error::Corrupt {
+                        id: id.clone(),
+                        reason: format!("change {} is unreadable: {err}", e.version),
                     })?;
                 from = e.version + 1;
                 out.push(HistoryEntry {
@@ -370,7 +388,9 @@ impl SagaRuntime {
         let driven = self
             .shared
             .drive(&self.bus, id, None, None, |plan| {
-                let Some(base) = plan.base() else { return Ok(()) };
+                let Some(base) = plan.base() else {
+                    return Ok(());
+                };
                 let attention = match (&base.status, &base.attention) {
                     (SagaStatus::NeedsAttention, Some((step, _))) => *step,
                     (status, _) => {
@@ -379,7 +399,11 @@ impl SagaRuntime {
                     }
                 };
                 wrong = None;
-                let name = base.steps.get(attention).map(|s| s.name.clone()).unwrap_or_default();
+                let name = base
+                    .steps
+                    .get(attention)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
                 plan.push(SagaEvent::CompensationRetried {
                     step: attention,
                     name: name.clone(),

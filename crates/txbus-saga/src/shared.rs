@@ -70,7 +70,7 @@ pub(crate) struct Shared {
     pub(crate) defs: HashMap<String, Arc<Saga>>,
     bus: watch::Sender<Option<Bus>>,
     cache: Mutex<Cache>,
-    waiters: Mutex<HashMap<SagaId, watch::Sender<u64>>>,
+    waiters: Mutex<HashMap<SagaId, watch::Sender<Option<Arc<SagaState>>>>>,
     /// Woken when a commit here sets a timer.
     pub(crate) timer_wake: Notify,
     pub(crate) options: Options,
@@ -100,7 +100,7 @@ impl Shared {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn waiters(&self) -> MutexGuard<'_, HashMap<SagaId, watch::Sender<u64>>> {
+    fn waiters(&self) -> MutexGuard<'_, HashMap<SagaId, watch::Sender<Option<Arc<SagaState>>>>> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -146,7 +146,8 @@ impl Shared {
         }
         let state = self.read_after(bus, id, cached).await?;
         if let Some(state) = &state {
-            self.cache().put(Arc::clone(state), self.options.cache_capacity);
+            self.cache()
+                .put(Arc::clone(state), self.options.cache_capacity);
         }
         Ok(state)
     }
@@ -168,7 +169,9 @@ impl Shared {
                     reason: format!("its stream holds more than {MAX_CHANGES} changes"),
                 });
             }
-            let page = bus.read_stream(&stream, next, Direction::Forward, PAGE).await?;
+            let page = bus
+                .read_stream(&stream, next, Direction::Forward, PAGE)
+                .await?;
             let count = page.len();
             for e in page {
                 let corrupt = |reason: String| Error::Corrupt {
@@ -179,7 +182,10 @@ impl Shared {
                     .map_err(|err| corrupt(format!("unreadable: {err}")))?;
                 match state.as_mut() {
                     None => {
-                        state = Some(SagaState::start(id, envelope.at_ms, &envelope.event).map_err(corrupt)?);
+                        state = Some(
+                            SagaState::start(id, envelope.at_ms, &envelope.event)
+                                .map_err(corrupt)?,
+                        );
                     }
                     Some(s) => {
                         if e.version != s.version + 1 {
@@ -198,13 +204,21 @@ impl Shared {
     }
 
     /// Reads a saga afresh (the cached prefix plus everything after it).
-    pub(crate) async fn get(&self, bus: &Bus, id: &SagaId) -> Result<Option<Arc<SagaState>>, Error> {
+    pub(crate) async fn get(
+        &self,
+        bus: &Bus,
+        id: &SagaId,
+    ) -> Result<Option<Arc<SagaState>>, Error> {
         self.load(bus, id, None).await
     }
 
     /// Commits a plan on top of the version it was made from. `Ok(None)` on a stream
     /// conflict (someone else moved the saga: reload and decide again).
-    pub(crate) async fn commit(&self, bus: &Bus, plan: Plan<'_>) -> Result<Option<Arc<SagaState>>, Error> {
+    pub(crate) async fn commit(
+        &self,
+        bus: &Bus,
+        plan: Plan<'_>,
+    ) -> Result<Option<Arc<SagaState>>, Error> {
         let expected = match plan.base() {
             Some(base) => ExpectedVersion::Exact(base.version),
             None => ExpectedVersion::NoStream,
@@ -240,9 +254,10 @@ impl Shared {
         }
         let state = Arc::new(state);
         tracing::debug!(saga = %state.id, version = state.version, status = %state.status, "saga changed");
-        self.cache().put(Arc::clone(&state), self.options.cache_capacity);
+        self.cache()
+            .put(Arc::clone(&state), self.options.cache_capacity);
         if let Some(tx) = self.waiters().get(&state.id) {
-            tx.send_replace(state.version);
+            tx.send_replace(Some(Arc::clone(&state)));
         }
         if sets_timer {
             self.timer_wake.notify_one();
@@ -285,12 +300,12 @@ impl Shared {
         Err(Error::Contended(id.clone()))
     }
 
-    /// A receiver bumped whenever this process commits a change of `id`. The entry goes
-    /// when its last receiver does (see [`release_waiter`](Self::release_waiter)).
-    pub(crate) fn waiter(&self, id: &SagaId) -> watch::Receiver<u64> {
+    /// A receiver of the saga as this process commits changes to it. The entry goes when
+    /// its last receiver does (see [`release_waiter`](Self::release_waiter)).
+    pub(crate) fn waiter(&self, id: &SagaId) -> watch::Receiver<Option<Arc<SagaState>>> {
         self.waiters()
             .entry(id.clone())
-            .or_insert_with(|| watch::Sender::new(0))
+            .or_insert_with(|| watch::Sender::new(None))
             .subscribe()
     }
 
@@ -365,7 +380,10 @@ mod tests {
             .unwrap();
         let sagas = Sagas::builder().saga(saga).build().unwrap();
         let bus = sagas
-            .install(Bus::builder().store(txbus_sqlite::SqliteStore::open(dir.path().join("b.db")).unwrap()))
+            .install(
+                Bus::builder()
+                    .store(txbus_sqlite::SqliteStore::open(dir.path().join("b.db")).unwrap()),
+            )
             .build()
             .await
             .unwrap();
@@ -373,7 +391,10 @@ mod tests {
         let id = runtime.start("dup", json!({})).await.unwrap();
         let shared = &sagas.shared;
         let base = shared.get(&bus, &id).await.unwrap().unwrap();
-        let Some(Pending::Step { index: 0, request, .. }) = base.pending.clone() else {
+        let Some(Pending::Step {
+            index: 0, request, ..
+        }) = base.pending.clone()
+        else {
             panic!("the saga waits for its first step");
         };
         let def = shared.def("dup").unwrap();
@@ -392,7 +413,10 @@ mod tests {
         second.follow_on().unwrap();
 
         assert!(shared.commit(&bus, first).await.unwrap().is_some());
-        assert!(shared.commit(&bus, second).await.unwrap().is_none(), "refused: the saga moved");
+        assert!(
+            shared.commit(&bus, second).await.unwrap().is_none(),
+            "refused: the saga moved"
+        );
 
         // Through `drive`, the late driver reads again and does nothing.
         let driven = shared
@@ -406,13 +430,20 @@ mod tests {
             .unwrap();
         assert!(matches!(driven, Driven::Skipped));
 
-        let stream = bus.read_stream(&id.stream(), 1, Direction::Forward, 100).await.unwrap();
+        let stream = bus
+            .read_stream(&id.stream(), 1, Direction::Forward, 100)
+            .await
+            .unwrap();
         let completions = stream
             .iter()
             .filter(|e| e.message.event_type == "saga.step-completed")
             .count();
         assert_eq!(completions, 1);
-        assert_eq!(stream.len(), 4, "started, requested, completed, next requested");
+        assert_eq!(
+            stream.len(),
+            4,
+            "started, requested, completed, next requested"
+        );
         bus.shutdown(Duration::from_secs(1)).await.unwrap();
     }
 }

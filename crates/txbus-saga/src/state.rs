@@ -257,7 +257,12 @@ impl SagaState {
     }
 
     /// Applies the next change (message `id`, written at `at_ms`).
-    pub(crate) fn apply(&mut self, id: MessageId, at_ms: i64, event: &SagaEvent) -> Result<(), String> {
+    pub(crate) fn apply(
+        &mut self,
+        id: MessageId,
+        at_ms: i64,
+        event: &SagaEvent,
+    ) -> Result<(), String> {
         self.version += 1;
         self.updated_at_ms = at_ms;
         match event {

@@ -151,7 +151,11 @@ impl Step {
     /// correlation id is the saga's. An event that arrives before the saga reaches the step
     /// is kept and completes the step when it does. When none arrives within `timeout` of
     /// the step starting, the step fails and the saga compensates.
-    pub fn wait_for(name: impl Into<String>, event_type: impl Into<String>, timeout: Duration) -> Self {
+    pub fn wait_for(
+        name: impl Into<String>,
+        event_type: impl Into<String>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             name: name.into(),
             kind: StepKind::Wait {

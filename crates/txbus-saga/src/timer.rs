@@ -45,7 +45,11 @@ async fn fire_due(shared: &Shared, bus: &Bus) -> Result<Option<i64>, Error> {
     let mut after: Option<String> = None;
     loop {
         let batch = bus
-            .kv_scan(keys::timer_prefix(), after.as_deref(), shared.options.timer_batch)
+            .kv_scan(
+                keys::timer_prefix(),
+                after.as_deref(),
+                shared.options.timer_batch,
+            )
             .await?;
         let full = batch.len() == shared.options.timer_batch;
         for entry in &batch {
@@ -67,7 +71,9 @@ async fn fire_due(shared: &Shared, bus: &Bus) -> Result<Option<i64>, Error> {
                         .await;
                 }
                 Err(e @ Error::Bus(txbus_core::Error::ShuttingDown)) => return Err(e),
-                Err(e) => tracing::warn!(saga = %id, error = %e, "saga timer could not fire; retrying later"),
+                Err(e) => {
+                    tracing::warn!(saga = %id, error = %e, "saga timer could not fire; retrying later")
+                }
             }
         }
         if !full {
@@ -78,7 +84,13 @@ async fn fire_due(shared: &Shared, bus: &Bus) -> Result<Option<i64>, Error> {
 }
 
 /// Applies one due timer. `Ok(false)` when it no longer applies.
-async fn fire(shared: &Shared, bus: &Bus, id: &crate::id::SagaId, kind: TimerKind, now: i64) -> Result<bool, Error> {
+async fn fire(
+    shared: &Shared,
+    bus: &Bus,
+    id: &crate::id::SagaId,
+    kind: TimerKind,
+    now: i64,
+) -> Result<bool, Error> {
     let driven = shared
         .drive(bus, id, None, None, |plan| {
             let Some(s) = plan.base() else { return Ok(()) };
@@ -93,7 +105,9 @@ async fn fire(shared: &Shared, bus: &Bus, id: &crate::id::SagaId, kind: TimerKin
             let def = shared.def(&s.saga_type)?;
             match kind {
                 TimerKind::Deadline => {
-                    let Some(deadline) = s.deadline_ms else { return Ok(()) };
+                    let Some(deadline) = s.deadline_ms else {
+                        return Ok(());
+                    };
                     if s.status != SagaStatus::Running || s.deadline_exceeded || deadline > now {
                         return Ok(());
                     }
@@ -113,12 +127,17 @@ async fn fire(shared: &Shared, bus: &Bus, id: &crate::id::SagaId, kind: TimerKin
                     Ok(())
                 }
                 TimerKind::Wait(step) => {
-                    let Some((index, until)) = waiting else { return Ok(()) };
+                    let Some((index, until)) = waiting else {
+                        return Ok(());
+                    };
                     if index != step || until > now {
                         return Ok(());
                     }
                     let waited_for = match def.steps.get(index).map(|s| &s.kind) {
-                        Some(StepKind::Wait { event_type, timeout }) => {
+                        Some(StepKind::Wait {
+                            event_type,
+                            timeout,
+                        }) => {
                             format!("no {event_type} event arrived within {timeout:?}")
                         }
                         _ => "the wait timed out".into(),

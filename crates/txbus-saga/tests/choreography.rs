@@ -1,5 +1,6 @@
 //! Choreography helpers: reactions linked to their trigger and published once per trigger,
 //! and chains read back from the log within bounds.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -16,7 +17,10 @@ async fn a_reaction_is_published_once_per_trigger_even_when_the_trigger_is_deliv
     let reactor = Reactor::new();
     reactor.bind(bus.clone());
     let handler = reactor.handler(|msg: Message| async move {
-        Ok(vec![Event::new("items.released", json!({"order_id": msg.payload()["order_id"]}))])
+        Ok(vec![Event::new(
+            "items.released",
+            json!({"order_id": msg.payload()["order_id"]}),
+        )])
     });
 
     // The same delivery twice, as after a crash between the reaction and the ack.
@@ -90,7 +94,16 @@ async fn a_chain_is_read_within_its_bounds_and_can_be_continued() {
     let mut links = first.links.len();
     let mut after = first.scanned_to;
     loop {
-        let next = chain(&bus, "o-1", ChainQuery { after_position: after, ..query }).await.unwrap();
+        let next = chain(
+            &bus,
+            "o-1",
+            ChainQuery {
+                after_position: after,
+                ..query
+            },
+        )
+        .await
+        .unwrap();
         links += next.links.len();
         after = next.scanned_to;
         if !next.truncated {
@@ -120,8 +133,12 @@ async fn a_reaction_to_a_trigger_without_correlation_is_correlated_by_the_trigge
         },
     );
     // The trigger starts the flow: its id becomes the correlation id.
-    bus.publish(Event::new("b", json!({})).caused_by(&trigger)).await.unwrap();
-    let flow = chain(&bus, &trigger_id.to_string(), ChainQuery::default()).await.unwrap();
+    bus.publish(Event::new("b", json!({})).caused_by(&trigger))
+        .await
+        .unwrap();
+    let flow = chain(&bus, &trigger_id.to_string(), ChainQuery::default())
+        .await
+        .unwrap();
     assert_eq!(flow.event_types(), vec!["b"]);
     let headers = &flow.links[0].message.headers;
     assert_eq!(headers.correlation_id, Some(trigger_id.to_string()));

@@ -1,5 +1,6 @@
 //! Compensating transacts: handlers register compensations; a failed operation runs those of
 //! the handlers that had succeeded, in reverse order, and its outcome lists them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use common::{quick, Journal, HANG};
 use serde_json::json;
 use txbus_core::{Bus, Commit, DeadLetterQuery, Event, HandlerError, Message, On};
-use txbus_saga::compensating::{Compensation, CompensatingBus, Compensations, RUNNER};
+use txbus_saga::compensating::{CompensatingBus, Compensation, Compensations, RUNNER};
 use txbus_saga::Retry;
 
 fn retry(max_retries: u32) -> Retry {
@@ -42,7 +43,10 @@ async fn registered(cell: &OnceLock<Bus>, msg: &Message, count: usize) {
 /// "reserve" then "charge" register compensations on `order.placed` (charge only once
 /// reserve's registration is kept); "ship" fails the operation once both have, when the order
 /// says `"ship": false`.
-async fn order_bus(journal: &Journal, refund_works: Arc<AtomicBool>) -> (tempfile::TempDir, CompensatingBus) {
+async fn order_bus(
+    journal: &Journal,
+    refund_works: Arc<AtomicBool>,
+) -> (tempfile::TempDir, CompensatingBus) {
     let (j1, j2) = (journal.clone(), journal.clone());
     let cell: Arc<OnceLock<Bus>> = Arc::new(OnceLock::new());
     let (c1, c2) = (Arc::clone(&cell), Arc::clone(&cell));
@@ -95,7 +99,11 @@ async fn order_bus(journal: &Journal, refund_works: Arc<AtomicBool>) -> (tempfil
             move |msg: Message| {
                 let cell = Arc::clone(&c2);
                 async move {
-                    let expected = if msg.payload()["free"] == json!(true) { 1 } else { 2 };
+                    let expected = if msg.payload()["free"] == json!(true) {
+                        1
+                    } else {
+                        2
+                    };
                     registered(&cell, &msg, expected).await;
                     if msg.payload()["ship"] == json!(false) {
                         return Err(HandlerError::reject("no courier"));
@@ -119,18 +127,28 @@ async fn a_failed_operation_compensates_the_handlers_that_succeeded_in_reverse_o
         .transact([Event::new("order.placed", json!({"ship": false}))])
         .await
         .unwrap();
-    let result = tokio::time::timeout(HANG, op.outcome()).await.unwrap().unwrap();
+    let result = tokio::time::timeout(HANG, op.outcome())
+        .await
+        .unwrap()
+        .unwrap();
 
     assert!(!result.is_ok());
     assert_eq!(result.outcome.error.as_ref().unwrap().handler, "ship");
-    let undone: Vec<&str> = result.compensated.iter().map(|c| c.handler.as_str()).collect();
+    let undone: Vec<&str> = result
+        .compensated
+        .iter()
+        .map(|c| c.handler.as_str())
+        .collect();
     assert_eq!(undone, vec!["charge", "reserve"], "newest success first");
     assert_eq!(result.compensated[0].data, json!({"payment": "p-1"}));
     assert!(result.failed.is_none());
     assert_eq!(journal.entries(), vec!["refund \"p-1\"", "release \"r-1\""]);
     // The run and its result are in the log, linked to the operation.
     let log = cbus.bus().read_log(0, 100).await.unwrap();
-    let types: Vec<&str> = log.iter().flat_map(|c| c.messages.iter().map(|m| m.event_type.as_str())).collect();
+    let types: Vec<&str> = log
+        .iter()
+        .flat_map(|c| c.messages.iter().map(|m| m.event_type.as_str()))
+        .collect();
     assert!(types.contains(&"txbus.compensate") && types.contains(&"txbus.compensated"));
     // Asking again by id gives the same answer, without compensating twice.
     let again = cbus.outcome(op.id()).await.unwrap();
@@ -142,13 +160,24 @@ async fn a_failed_operation_compensates_the_handlers_that_succeeded_in_reverse_o
 async fn a_successful_operation_compensates_nothing_and_forgets_its_registrations() {
     let journal = Journal::default();
     let (_dir, cbus) = order_bus(&journal, Arc::new(AtomicBool::new(true))).await;
-    let op = cbus.transact([Event::new("order.placed", json!({}))]).await.unwrap();
-    let result = tokio::time::timeout(HANG, op.outcome()).await.unwrap().unwrap();
+    let op = cbus
+        .transact([Event::new("order.placed", json!({}))])
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(HANG, op.outcome())
+        .await
+        .unwrap()
+        .unwrap();
 
     assert!(result.is_ok());
     assert!(result.compensated.is_empty());
     assert!(journal.entries().is_empty());
-    assert!(cbus.bus().kv_scan("compensate/", None, 10).await.unwrap().is_empty());
+    assert!(cbus
+        .bus()
+        .kv_scan("compensate/", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,12 +185,22 @@ async fn a_handler_that_registered_nothing_is_not_compensated() {
     let journal = Journal::default();
     let (_dir, cbus) = order_bus(&journal, Arc::new(AtomicBool::new(true))).await;
     let op = cbus
-        .transact([Event::new("order.placed", json!({"ship": false, "free": true}))])
+        .transact([Event::new(
+            "order.placed",
+            json!({"ship": false, "free": true}),
+        )])
         .await
         .unwrap();
-    let result = tokio::time::timeout(HANG, op.outcome()).await.unwrap().unwrap();
+    let result = tokio::time::timeout(HANG, op.outcome())
+        .await
+        .unwrap()
+        .unwrap();
 
-    let undone: Vec<&str> = result.compensated.iter().map(|c| c.handler.as_str()).collect();
+    let undone: Vec<&str> = result
+        .compensated
+        .iter()
+        .map(|c| c.handler.as_str())
+        .collect();
     assert_eq!(undone, vec!["reserve"]);
     assert_eq!(journal.entries(), vec!["release \"r-1\""]);
 }
@@ -175,13 +214,19 @@ async fn a_compensation_that_keeps_failing_is_reported_and_can_be_replayed() {
         .transact([Event::new("order.placed", json!({"ship": false}))])
         .await
         .unwrap();
-    let result = tokio::time::timeout(HANG, op.outcome()).await.unwrap().unwrap();
+    let result = tokio::time::timeout(HANG, op.outcome())
+        .await
+        .unwrap()
+        .unwrap();
 
     let failed = result.failed.clone().expect("the refund failed for good");
     assert_eq!(failed.handler, "charge");
     assert_eq!(failed.error, "payment service down");
     assert_eq!(failed.attempts, 2, "one attempt and one retry");
-    assert!(result.compensated.is_empty(), "the run stops at the failed compensation");
+    assert!(
+        result.compensated.is_empty(),
+        "the run stops at the failed compensation"
+    );
     assert!(journal.entries().is_empty());
 
     // Visible as a dead letter of the runner (once its last attempt is recorded); once the
@@ -219,7 +264,11 @@ async fn a_compensation_that_keeps_failing_is_reported_and_can_be_replayed() {
     })
     .await
     .unwrap();
-    let undone: Vec<&str> = fixed.compensated.iter().map(|c| c.handler.as_str()).collect();
+    let undone: Vec<&str> = fixed
+        .compensated
+        .iter()
+        .map(|c| c.handler.as_str())
+        .collect();
     assert_eq!(undone, vec!["charge", "reserve"]);
     assert_eq!(journal.entries(), vec!["refund \"p-1\"", "release \"r-1\""]);
 }
@@ -277,10 +326,19 @@ async fn a_handler_that_succeeds_after_its_operation_failed_is_compensated_too()
         .await
         .unwrap();
     let cbus = compensations.attach(bus);
-    let op = cbus.transact([Event::new("order.placed", json!({}))]).await.unwrap();
-    let result = tokio::time::timeout(HANG, op.outcome()).await.unwrap().unwrap();
+    let op = cbus
+        .transact([Event::new("order.placed", json!({}))])
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(HANG, op.outcome())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!result.is_ok());
-    assert!(result.compensated.is_empty(), "nothing had succeeded when it failed");
+    assert!(
+        result.compensated.is_empty(),
+        "nothing had succeeded when it failed"
+    );
 
     tokio::time::timeout(HANG, async {
         while journal.entries().is_empty() {

@@ -1,6 +1,7 @@
 //! Crash safety: a saga survives SIGKILL during a step and during a compensation, and resumes
 //! where it was. A child process (`saga-crash`) is killed while a step (or compensation)
 //! blocks, then restarted on the same file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(feature = "sqlite")]
 
 mod common;
@@ -40,7 +41,11 @@ async fn kill_then_resume(dir: &Path, scenario: &str) -> String {
 
     let out = tokio::time::timeout(
         common::HANG,
-        Command::new(exe).arg(dir).arg(scenario).kill_on_drop(true).output(),
+        Command::new(exe)
+            .arg(dir)
+            .arg(scenario)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
     .expect("the restarted child finished")
@@ -71,7 +76,10 @@ async fn inspect(dir: &Path) -> (impl Fn(&str) -> u64, Vec<SagaEvent>) {
         .map(|h| h.event)
         .collect();
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
-    (move |what: &str| counts.get(what).copied().unwrap_or(0), history)
+    (
+        move |what: &str| counts.get(what).copied().unwrap_or(0),
+        history,
+    )
 }
 
 fn completions(history: &[SagaEvent], step_name: &str) -> usize {
@@ -88,12 +96,24 @@ async fn a_saga_killed_during_a_step_resumes_that_step_only() {
     assert_eq!(status, "completed");
 
     let (runs, history) = inspect(dir.path()).await;
-    assert_eq!(runs("a"), 1, "a completed before the kill and is not run again");
-    assert_eq!(runs("b"), 2, "b was interrupted, so it runs again (at least once)");
+    assert_eq!(
+        runs("a"),
+        1,
+        "a completed before the kill and is not run again"
+    );
+    assert_eq!(
+        runs("b"),
+        2,
+        "b was interrupted, so it runs again (at least once)"
+    );
     assert_eq!(runs("c"), 1);
     assert_eq!(runs("undo-a") + runs("undo-b"), 0);
     for step in ["a", "b", "c"] {
-        assert_eq!(completions(&history, step), 1, "{step} completed once in the saga");
+        assert_eq!(
+            completions(&history, step),
+            1,
+            "{step} completed once in the saga"
+        );
     }
     assert!(matches!(history.last(), Some(SagaEvent::Completed)));
 }
@@ -105,7 +125,11 @@ async fn a_saga_killed_during_a_compensation_resumes_compensating() {
     assert_eq!(status, "failed");
 
     let (runs, history) = inspect(dir.path()).await;
-    assert_eq!((runs("a"), runs("b"), runs("c")), (1, 1, 1), "no step runs again");
+    assert_eq!(
+        (runs("a"), runs("b"), runs("c")),
+        (1, 1, 1),
+        "no step runs again"
+    );
     assert_eq!(runs("undo-b"), 2, "the interrupted compensation runs again");
     assert_eq!(runs("undo-a"), 1, "then the next one, once");
     let compensated: Vec<&str> = history

@@ -1,6 +1,7 @@
 //! Orchestrated sagas on the embedded store: steps in order, outputs kept for later steps and
 //! compensations, retries, compensation in reverse order, needs-attention and its retry,
 //! listing by status and history.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -27,7 +28,10 @@ fn journaled(journal: &Journal, name: &'static str, output: Value) -> Step {
     .compensate(move |ctx: StepContext| {
         let c = c.clone();
         async move {
-            c.push(format!("undo {name} {}", ctx.output_json().cloned().unwrap_or(Value::Null)));
+            c.push(format!(
+                "undo {name} {}",
+                ctx.output_json().cloned().unwrap_or(Value::Null)
+            ));
             Ok(())
         }
     })
@@ -40,13 +44,20 @@ async fn steps_run_in_order_and_their_outputs_reach_later_steps() {
     let journal = Journal::default();
     let j = journal.clone();
     let saga = Saga::builder("order")
-        .step(journaled(&journal, "reserve", json!({"reservation": "r-1"})))
+        .step(journaled(
+            &journal,
+            "reserve",
+            json!({"reservation": "r-1"}),
+        ))
         .step(Step::action("charge", move |ctx: StepContext| {
             let j = j.clone();
             async move {
                 let reserved: Value = ctx.output_of("reserve")?;
                 let input: Value = ctx.input()?;
-                j.push(format!("charge {} for {}", input["amount"], reserved["reservation"]));
+                j.push(format!(
+                    "charge {} for {}",
+                    input["amount"], reserved["reservation"]
+                ));
                 Ok(json!({"payment_id": "p-1"}))
             }
         }))
@@ -56,7 +67,11 @@ async fn steps_run_in_order_and_their_outputs_reach_later_steps() {
     let sagas = Sagas::builder().saga(saga).build().unwrap();
     let env = Env::new(&sagas).await;
 
-    let id = env.runtime.start("order", json!({"amount": 30})).await.unwrap();
+    let id = env
+        .runtime
+        .start("order", json!({"amount": 30}))
+        .await
+        .unwrap();
     let state = env.wait(&id).await;
 
     assert_eq!(state.status, SagaStatus::Completed);
@@ -65,7 +80,10 @@ async fn steps_run_in_order_and_their_outputs_reach_later_steps() {
         vec!["do reserve", "charge 30 for \"r-1\"", "do ship"]
     );
     assert_eq!(state.outputs()["charge"], json!({"payment_id": "p-1"}));
-    assert!(state.steps.iter().all(|s| s.status == StepStatus::Completed));
+    assert!(state
+        .steps
+        .iter()
+        .all(|s| s.status == StepStatus::Completed));
 
     let history = env.runtime.history(&id).await.unwrap();
     let kinds: Vec<&str> = history.iter().map(|h| kind(&h.event)).collect();
@@ -83,13 +101,28 @@ async fn steps_run_in_order_and_their_outputs_reach_later_steps() {
         ]
     );
     // Versions count from 1, and each completion names the request it answers.
-    assert_eq!(history.iter().map(|h| h.version).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
-    assert_eq!(history[2].causation_id, Some(history[1].message_id.to_string()));
+    assert_eq!(
+        history.iter().map(|h| h.version).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        history[2].causation_id,
+        Some(history[1].message_id.to_string())
+    );
 
-    let completed = env.runtime.list(SagaStatus::Completed, None, 10).await.unwrap();
+    let completed = env
+        .runtime
+        .list(SagaStatus::Completed, None, 10)
+        .await
+        .unwrap();
     assert_eq!(completed.len(), 1);
     assert_eq!(completed[0].id, id);
-    assert!(env.runtime.list(SagaStatus::Running, None, 10).await.unwrap().is_empty());
+    assert!(env
+        .runtime
+        .list(SagaStatus::Running, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +130,11 @@ async fn a_failed_step_compensates_completed_steps_in_reverse_order() {
     let journal = Journal::default();
     let saga = Saga::builder("order")
         .step(journaled(&journal, "create-order", json!({"order": 1})))
-        .step(journaled(&journal, "reserve", json!({"reservation": "r-9"})))
+        .step(journaled(
+            &journal,
+            "reserve",
+            json!({"reservation": "r-9"}),
+        ))
         .step(
             Step::action("charge", |_ctx: StepContext| async {
                 Err::<Value, _>(HandlerError::reject("card declined"))
@@ -133,10 +170,18 @@ async fn a_failed_step_compensates_completed_steps_in_reverse_order() {
     assert_eq!(state.steps[0].compensation, CompensationStatus::Compensated);
     assert!(state.failure.as_deref().unwrap().contains("card declined"));
 
-    let failed = env.runtime.list(SagaStatus::Failed, None, 10).await.unwrap();
+    let failed = env
+        .runtime
+        .list(SagaStatus::Failed, None, 10)
+        .await
+        .unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].step.as_deref(), Some("charge"));
-    assert!(failed[0].error.as_deref().unwrap().contains("card declined"));
+    assert!(failed[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("card declined"));
 
     let kinds: Vec<&str> = env
         .runtime
@@ -198,7 +243,11 @@ async fn transient_failures_are_retried_and_every_attempt_is_in_the_history() {
     assert_eq!(state.status, SagaStatus::Completed);
     assert_eq!(calls.load(Ordering::SeqCst), 4);
     assert_eq!(state.steps[0].attempts, 4);
-    let errors: Vec<&str> = state.steps[0].errors.iter().map(|e| e.error.as_str()).collect();
+    let errors: Vec<&str> = state.steps[0]
+        .errors
+        .iter()
+        .map(|e| e.error.as_str())
+        .collect();
     assert_eq!(errors.len(), 3);
     assert_eq!(errors[0], "connection refused");
     assert!(errors[1].contains("timed out"), "{errors:?}");
@@ -233,7 +282,11 @@ async fn retries_running_out_fails_the_step_and_compensates() {
     let state = env.wait(&id).await;
 
     assert_eq!(state.status, SagaStatus::Failed);
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "one attempt and two retries");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "one attempt and two retries"
+    );
     assert_eq!(state.steps[1].attempts, 3);
     assert_eq!(journal.entries(), vec!["do first", "undo first 1"]);
 }
@@ -243,25 +296,31 @@ async fn a_compensation_that_keeps_failing_needs_attention_until_retried() {
     let journal = Journal::default();
     let refund_works = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(AtomicU32::new(0));
-    let (works, tries, j) = (Arc::clone(&refund_works), Arc::clone(&attempts), journal.clone());
+    let (works, tries, j) = (
+        Arc::clone(&refund_works),
+        Arc::clone(&attempts),
+        journal.clone(),
+    );
     let saga = Saga::builder("refund")
         .step(journaled(&journal, "reserve", json!("r")))
         .step(
-            Step::action("charge", |_ctx: StepContext| async { Ok(json!({"payment_id": "p-7"})) })
-                .compensate(move |ctx: StepContext| {
-                    let (works, tries, j) = (Arc::clone(&works), Arc::clone(&tries), j.clone());
-                    async move {
-                        tries.fetch_add(1, Ordering::SeqCst);
-                        if !works.load(Ordering::SeqCst) {
-                            return Err(HandlerError::transient("payment service down"));
-                        }
-                        let payment: Value = ctx.output()?;
-                        j.push(format!("refund {}", payment["payment_id"]));
-                        Ok(())
+            Step::action("charge", |_ctx: StepContext| async {
+                Ok(json!({"payment_id": "p-7"}))
+            })
+            .compensate(move |ctx: StepContext| {
+                let (works, tries, j) = (Arc::clone(&works), Arc::clone(&tries), j.clone());
+                async move {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    if !works.load(Ordering::SeqCst) {
+                        return Err(HandlerError::transient("payment service down"));
                     }
-                })
-                .compensation_retries(2)
-                .compensation_backoff(quick()),
+                    let payment: Value = ctx.output()?;
+                    j.push(format!("refund {}", payment["payment_id"]));
+                    Ok(())
+                }
+            })
+            .compensation_retries(2)
+            .compensation_backoff(quick()),
         )
         .step(Step::action("ship", |_ctx: StepContext| async {
             Err::<Value, _>(HandlerError::reject("no courier"))
@@ -277,10 +336,18 @@ async fn a_compensation_that_keeps_failing_needs_attention_until_retried() {
     assert_eq!(state.status, SagaStatus::NeedsAttention);
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     assert_eq!(state.steps[1].compensation, CompensationStatus::Failed);
-    assert_eq!(state.steps[0].compensation, CompensationStatus::NotRequested, "stopped, not skipped");
+    assert_eq!(
+        state.steps[0].compensation,
+        CompensationStatus::NotRequested,
+        "stopped, not skipped"
+    );
     assert_eq!(journal.entries(), vec!["do reserve"]);
 
-    let listed = env.runtime.list(SagaStatus::NeedsAttention, None, 10).await.unwrap();
+    let listed = env
+        .runtime
+        .list(SagaStatus::NeedsAttention, None, 10)
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, id);
     assert_eq!(listed[0].step.as_deref(), Some("charge"));
@@ -292,11 +359,23 @@ async fn a_compensation_that_keeps_failing_needs_attention_until_retried() {
     let state = env.wait(&id).await;
 
     assert_eq!(state.status, SagaStatus::Failed);
-    assert_eq!(journal.entries(), vec!["do reserve", "refund \"p-7\"", "undo reserve \"r\""]);
-    assert!(env.runtime.list(SagaStatus::NeedsAttention, None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        journal.entries(),
+        vec!["do reserve", "refund \"p-7\"", "undo reserve \"r\""]
+    );
+    assert!(env
+        .runtime
+        .list(SagaStatus::NeedsAttention, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let history = env.runtime.history(&id).await.unwrap();
-    assert!(history.iter().any(|h| matches!(h.event, SagaEvent::NeedsAttention { .. })));
-    assert!(history.iter().any(|h| matches!(h.event, SagaEvent::CompensationRetried { .. })));
+    assert!(history
+        .iter()
+        .any(|h| matches!(h.event, SagaEvent::NeedsAttention { .. })));
+    assert!(history
+        .iter()
+        .any(|h| matches!(h.event, SagaEvent::CompensationRetried { .. })));
 
     // A saga that does not need attention refuses.
     assert!(matches!(
@@ -308,7 +387,9 @@ async fn a_compensation_that_keeps_failing_needs_attention_until_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chosen_id_starts_once_and_unknown_types_are_refused() {
     let saga = Saga::builder("once")
-        .step(Step::action("a", |_ctx: StepContext| async { Ok(json!(null)) }))
+        .step(Step::action("a", |_ctx: StepContext| async {
+            Ok(json!(null))
+        }))
         .build()
         .unwrap();
     let sagas = Sagas::builder().saga(saga).build().unwrap();
@@ -316,7 +397,10 @@ async fn a_chosen_id_starts_once_and_unknown_types_are_refused() {
     let id = txbus_saga::SagaId::new("order-42").unwrap();
     let options = txbus_saga::StartOptions::default().id(id.clone());
 
-    env.runtime.start_with("once", json!({}), options.clone()).await.unwrap();
+    env.runtime
+        .start_with("once", json!({}), options.clone())
+        .await
+        .unwrap();
     assert!(matches!(
         env.runtime.start_with("once", json!({}), options).await,
         Err(txbus_saga::Error::AlreadyStarted(_))
@@ -326,7 +410,12 @@ async fn a_chosen_id_starts_once_and_unknown_types_are_refused() {
         Err(txbus_saga::Error::UnknownSagaType(_))
     ));
     assert_eq!(env.wait(&id).await.status, SagaStatus::Completed);
-    assert!(env.runtime.get(&txbus_saga::SagaId::new("missing").unwrap()).await.unwrap().is_none());
+    assert!(env
+        .runtime
+        .get(&txbus_saga::SagaId::new("missing").unwrap())
+        .await
+        .unwrap()
+        .is_none());
 }
 
 fn kind(event: &SagaEvent) -> &'static str {

@@ -1,4 +1,5 @@
 //! Steps that wait for events, their timeouts, and the saga deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -10,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use txbus_core::Event;
 use txbus_saga::{
-    CompensationStatus, Pending, SagaEvent, SagaStatus, Sagas, Saga, StartOptions, Step,
+    CompensationStatus, Pending, Saga, SagaEvent, SagaStatus, Sagas, StartOptions, Step,
     StepContext, StepStatus,
 };
 
@@ -83,7 +84,10 @@ async fn a_waiting_step_completes_when_its_event_is_published_with_the_saga_id()
 
     assert_eq!(state.status, SagaStatus::Completed);
     assert_eq!(state.outputs()["paid"]["payload"], json!({"amount": 12}));
-    assert_eq!(state.outputs()["paid"]["event_type"], json!("payment.confirmed"));
+    assert_eq!(
+        state.outputs()["paid"]["event_type"],
+        json!("payment.confirmed")
+    );
     assert_eq!(journal.entries(), vec!["do reserve", "do ship"]);
 }
 
@@ -94,7 +98,11 @@ async fn a_waiting_step_completes_by_correlation_id_and_ignores_other_sagas_even
     let env = Env::new(&sagas).await;
     let id = env
         .runtime
-        .start_with("checkout", json!({}), StartOptions::default().correlation_id("order-17"))
+        .start_with(
+            "checkout",
+            json!({}),
+            StartOptions::default().correlation_id("order-17"),
+        )
         .await
         .unwrap();
     until_waiting(&env, &id, 1).await;
@@ -104,15 +112,25 @@ async fn a_waiting_step_completes_by_correlation_id_and_ignores_other_sagas_even
         .publish(Event::new("payment.confirmed", json!({"order": 18})).correlation_id("order-18"))
         .await
         .unwrap();
-    env.bus.publish(Event::new("payment.confirmed", json!({}))).await.unwrap();
+    env.bus
+        .publish(Event::new("payment.confirmed", json!({})))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let state = env.runtime.get(&id).await.unwrap().unwrap();
-    assert!(matches!(state.pending, Some(Pending::Step { index: 1, .. })));
+    assert!(matches!(
+        state.pending,
+        Some(Pending::Step { index: 1, .. })
+    ));
 
     // A second saga of the same type cannot take the same correlation id while this one runs.
     assert!(matches!(
         env.runtime
-            .start_with("checkout", json!({}), StartOptions::default().correlation_id("order-17"))
+            .start_with(
+                "checkout",
+                json!({}),
+                StartOptions::default().correlation_id("order-17")
+            )
             .await,
         Err(txbus_saga::Error::CorrelationInUse { .. })
     ));
@@ -126,7 +144,11 @@ async fn a_waiting_step_completes_by_correlation_id_and_ignores_other_sagas_even
     assert_eq!(state.outputs()["paid"]["payload"], json!({"order": 17}));
     // Once it finished, the correlation id is free again.
     env.runtime
-        .start_with("checkout", json!({}), StartOptions::default().correlation_id("order-17"))
+        .start_with(
+            "checkout",
+            json!({}),
+            StartOptions::default().correlation_id("order-17"),
+        )
         .await
         .unwrap();
 }
@@ -144,7 +166,11 @@ async fn an_event_that_arrives_before_its_step_is_kept_until_the_saga_gets_there
                 Ok(json!("done"))
             }
         }))
-        .step(Step::wait_for("paid", "payment.confirmed", Duration::from_secs(60)))
+        .step(Step::wait_for(
+            "paid",
+            "payment.confirmed",
+            Duration::from_secs(60),
+        ))
         .step(undoable(&journal, "ship"))
         .build()
         .unwrap();
@@ -154,7 +180,9 @@ async fn an_event_that_arrives_before_its_step_is_kept_until_the_saga_gets_there
     until_waiting(&env, &id, 0).await;
 
     env.bus
-        .publish(Event::new("payment.confirmed", json!({"early": true})).correlation_id(id.as_str()))
+        .publish(
+            Event::new("payment.confirmed", json!({"early": true})).correlation_id(id.as_str()),
+        )
         .await
         .unwrap();
     tokio::time::timeout(common::HANG, async {
@@ -174,7 +202,9 @@ async fn an_event_that_arrives_before_its_step_is_kept_until_the_saga_gets_there
     assert_eq!(state.status, SagaStatus::Completed);
     assert_eq!(state.outputs()["paid"]["payload"], json!({"early": true}));
     let history = env.runtime.history(&id).await.unwrap();
-    assert!(history.iter().any(|h| matches!(h.event, SagaEvent::EventArrived { step: 1, .. })));
+    assert!(history
+        .iter()
+        .any(|h| matches!(h.event, SagaEvent::EventArrived { step: 1, .. })));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,11 +236,19 @@ async fn the_saga_deadline_fails_a_waiting_step_and_compensates() {
     let saga = Saga::builder("deadline")
         .step(undoable(&journal, "reserve"))
         .step(undoable(&journal, "charge"))
-        .step(Step::wait_for("paid", "payment.confirmed", Duration::from_secs(3600)))
+        .step(Step::wait_for(
+            "paid",
+            "payment.confirmed",
+            Duration::from_secs(3600),
+        ))
         .deadline(Duration::from_millis(300))
         .build()
         .unwrap();
-    let sagas = Sagas::builder().saga(saga).timer_poll(Duration::from_millis(50)).build().unwrap();
+    let sagas = Sagas::builder()
+        .saga(saga)
+        .timer_poll(Duration::from_millis(50))
+        .build()
+        .unwrap();
     let env = Env::new(&sagas).await;
     let id = env.runtime.start("deadline", json!({})).await.unwrap();
     let state = env.wait(&id).await;
@@ -222,9 +260,16 @@ async fn the_saga_deadline_fails_a_waiting_step_and_compensates() {
         vec!["do reserve", "do charge", "undo charge", "undo reserve"]
     );
     let history = env.runtime.history(&id).await.unwrap();
-    assert!(history.iter().any(|h| matches!(h.event, SagaEvent::DeadlineExceeded { .. })));
+    assert!(history
+        .iter()
+        .any(|h| matches!(h.event, SagaEvent::DeadlineExceeded { .. })));
     // No timer is left behind.
-    assert!(env.bus.kv_scan("saga/timer/", None, 10).await.unwrap().is_empty());
+    assert!(env
+        .bus
+        .kv_scan("saga/timer/", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,14 +301,25 @@ async fn an_action_running_at_the_deadline_finishes_and_is_compensated_with_the_
         .deadline(Duration::from_millis(200))
         .build()
         .unwrap();
-    let sagas = Sagas::builder().saga(saga).timer_poll(Duration::from_millis(50)).build().unwrap();
+    let sagas = Sagas::builder()
+        .saga(saga)
+        .timer_poll(Duration::from_millis(50))
+        .build()
+        .unwrap();
     let env = Env::new(&sagas).await;
     let id = env.runtime.start("late", json!({})).await.unwrap();
 
     // The deadline passes while "charge" runs: recorded, but the action is not cut off.
     tokio::time::timeout(common::HANG, async {
         loop {
-            if env.runtime.get(&id).await.unwrap().unwrap().deadline_exceeded {
+            if env
+                .runtime
+                .get(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .deadline_exceeded
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -277,9 +333,18 @@ async fn an_action_running_at_the_deadline_finishes_and_is_compensated_with_the_
     assert_eq!(state.status, SagaStatus::Failed);
     assert_eq!(state.steps[1].status, StepStatus::Completed);
     assert_eq!(state.steps[1].compensation, CompensationStatus::Compensated);
-    assert_eq!(state.steps[2].status, StepStatus::NotStarted, "no step starts after the deadline");
+    assert_eq!(
+        state.steps[2].status,
+        StepStatus::NotStarted,
+        "no step starts after the deadline"
+    );
     assert_eq!(
         journal.entries(),
-        vec!["do reserve", "do charge", "refund \"p-late\"", "undo reserve"]
+        vec![
+            "do reserve",
+            "do charge",
+            "refund \"p-late\"",
+            "undo reserve"
+        ]
     );
 }

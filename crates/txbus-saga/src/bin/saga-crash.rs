@@ -25,7 +25,9 @@ async fn count(bus: &Bus, what: &str) -> Result<u64, HandlerError> {
         let current = bus.kv_get(&key).await.map_err(HandlerError::transient)?;
         let (n, expect) = match &current {
             Some(e) => (
-                String::from_utf8_lossy(&e.value).parse::<u64>().unwrap_or(0),
+                String::from_utf8_lossy(&e.value)
+                    .parse::<u64>()
+                    .unwrap_or(0),
                 KvExpect::Version(e.version),
             ),
             None => (0, KvExpect::Absent),
@@ -40,7 +42,12 @@ async fn count(bus: &Bus, what: &str) -> Result<u64, HandlerError> {
 }
 
 /// Counts the run; on the first run of the blocking one, marks the spot and blocks.
-async fn run(ctx: &StepContext, what: &'static str, blocks: bool, marker: &Path) -> Result<(), HandlerError> {
+async fn run(
+    ctx: &StepContext,
+    what: &'static str,
+    blocks: bool,
+    marker: &Path,
+) -> Result<(), HandlerError> {
     let n = count(ctx.bus(), what).await?;
     if blocks && n == 1 {
         std::fs::write(marker, what).map_err(HandlerError::transient)?;
@@ -80,7 +87,9 @@ fn saga(dir: &Path, scenario: &str) -> Result<Saga, Error> {
     builder = builder.step(Step::action("c", move |ctx: StepContext| async move {
         count(ctx.bus(), "c").await?;
         if fails {
-            return Err(HandlerError::reject("c fails so that a and b are compensated"));
+            return Err(HandlerError::reject(
+                "c fails so that a and b are compensated",
+            ));
         }
         Ok(json!({"done": "c"}))
     }));
@@ -100,7 +109,11 @@ async fn main_async(dir: PathBuf, scenario: String) -> Result<(), BoxError> {
     let runtime = sagas.attach(bus.clone());
     let id = SagaId::new("crash-1")?;
     match runtime
-        .start_with("crash", json!({"scenario": scenario}), StartOptions::default().id(id.clone()))
+        .start_with(
+            "crash",
+            json!({"scenario": scenario}),
+            StartOptions::default().id(id.clone()),
+        )
         .await
     {
         Ok(_) | Err(Error::AlreadyStarted(_)) => {}
@@ -118,7 +131,10 @@ fn main() {
         eprintln!("usage: saga-crash DIR step|compensation");
         std::process::exit(2);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("saga-crash: no runtime: {e}");

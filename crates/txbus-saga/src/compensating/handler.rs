@@ -136,13 +136,21 @@ impl txbus_core::Handler for Runner {
         let mut compensated = Vec::with_capacity(request.records.len());
         for registered in &request.records {
             let done = record::done_key(op, &registered.handler, registered.event_index);
-            if bus.kv_get(&done).await.map_err(HandlerError::transient)?.is_some() {
+            if bus
+                .kv_get(&done)
+                .await
+                .map_err(HandlerError::transient)?
+                .is_some()
+            {
                 compensated.push(registered.clone());
                 continue;
             }
             let failure = match shared.compensation(&registered.handler) {
                 None => Some((
-                    format!("no compensation is installed for handler {:?}", registered.handler),
+                    format!(
+                        "no compensation is installed for handler {:?}",
+                        registered.handler
+                    ),
                     true,
                 )),
                 Some(compensate) => {
@@ -151,12 +159,19 @@ impl txbus_core::Handler for Runner {
                         registered: registered.clone(),
                         attempt,
                     });
-                    match tokio::time::timeout(shared.retry.timeout, AssertUnwindSafe(call).catch_unwind()).await {
+                    match tokio::time::timeout(
+                        shared.retry.timeout,
+                        AssertUnwindSafe(call).catch_unwind(),
+                    )
+                    .await
+                    {
                         Ok(Ok(Ok(()))) => None,
                         Ok(Ok(Err(HandlerError::Reject(r)))) => Some((r, true)),
                         Ok(Ok(Err(HandlerError::Transient(r)))) => Some((r, false)),
                         Ok(Err(_)) => Some(("the compensation panicked".to_owned(), false)),
-                        Err(_) => Some((format!("timed out after {:?}", shared.retry.timeout), false)),
+                        Err(_) => {
+                            Some((format!("timed out after {:?}", shared.retry.timeout), false))
+                        }
                     }
                 }
             };
@@ -178,7 +193,8 @@ impl txbus_core::Handler for Runner {
                             error: reason.clone(),
                             attempts: attempt,
                         };
-                        self.finish(&bus, &request, compensated, Some(failed), &msg).await?;
+                        self.finish(&bus, &request, compensated, Some(failed), &msg)
+                            .await?;
                         // A dead letter (replayable) when retries ran out; a rejection stays
                         // rejected.
                         return Err(if rejected {

@@ -127,7 +127,9 @@ impl Shared {
             for e in &entries {
                 match serde_json::from_slice::<Registered>(&e.value) {
                     Ok(r) => records.push(r),
-                    Err(err) => tracing::warn!(key = %e.key, error = %err, "unreadable compensation registration skipped"),
+                    Err(err) => {
+                        tracing::warn!(key = %e.key, error = %err, "unreadable compensation registration skipped")
+                    }
                 }
             }
             // Newest success first.
@@ -138,14 +140,16 @@ impl Shared {
                 records: records.clone(),
                 main,
             };
-            let payload = serde_json::to_value(&request).map_err(|e| Error::Unreadable(e.to_string()))?;
+            let payload =
+                serde_json::to_value(&request).map_err(|e| Error::Unreadable(e.to_string()))?;
             let mut commit = Commit::new().event(
                 Event::new(RUN_EVENT, payload)
                     .module(MODULE)
                     .correlation_id(op.to_string()),
             );
             for e in &entries {
-                commit = commit.kv(KvWrite::delete(e.key.clone()).expect(KvExpect::Version(e.version)));
+                commit =
+                    commit.kv(KvWrite::delete(e.key.clone()).expect(KvExpect::Version(e.version)));
             }
             if main {
                 let state = RunState {
@@ -154,12 +158,11 @@ impl Shared {
                     compensated: Vec::new(),
                     failed: None,
                 };
-                let value = serde_json::to_vec(&state).map_err(|e| Error::Unreadable(e.to_string()))?;
-                commit = commit.kv(
-                    KvWrite::put(record::run_key(op), value)
-                        .expect(KvExpect::Absent)
-                        .ttl(self.keep_for),
-                );
+                let value =
+                    serde_json::to_vec(&state).map_err(|e| Error::Unreadable(e.to_string()))?;
+                commit = commit.kv(KvWrite::put(record::run_key(op), value)
+                    .expect(KvExpect::Absent)
+                    .ttl(self.keep_for));
             }
             match bus.commit_unwatched(commit).await {
                 Ok(_) => {
@@ -195,7 +198,9 @@ impl Shared {
     async fn settle(&self, bus: &Bus, op: OperationId) -> Result<(), Error> {
         match bus.outcome(op).await? {
             Some(OperationState::Pending { .. }) => Ok(()),
-            Some(OperationState::Finished(outcome)) if outcome.is_ok() => self.forget(bus, op).await,
+            Some(OperationState::Finished(outcome)) if outcome.is_ok() => {
+                self.forget(bus, op).await
+            }
             Some(OperationState::Finished(_)) => self.take_and_run(bus, op).await.map(|_| ()),
             None => {
                 // Its outcome was pruned: it finished long ago; nothing can tell how.
@@ -214,8 +219,15 @@ pub struct Compensations {
 
 impl std::fmt::Debug for Compensations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<&str> = self.shared.entries.iter().map(|e| e.name.as_str()).collect();
-        f.debug_struct("Compensations").field("handlers", &names).finish()
+        let names: Vec<&str> = self
+            .shared
+            .entries
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        f.debug_struct("Compensations")
+            .field("handlers", &names)
+            .finish()
     }
 }
 
@@ -289,7 +301,13 @@ impl Compensations {
 impl CompensationsBuilder {
     /// Subscribes a handler that may register a compensation: `action` returns
     /// `Ok(Some(data))` to register one with `data`, `Ok(None)` when there is nothing to undo.
-    pub fn handler<F, Fut, C, CFut>(self, name: impl Into<String>, on: On, action: F, compensation: C) -> Self
+    pub fn handler<F, Fut, C, CFut>(
+        self,
+        name: impl Into<String>,
+        on: On,
+        action: F,
+        compensation: C,
+    ) -> Self
     where
         F: Fn(Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Option<Value>, HandlerError>> + Send + 'static,
@@ -395,7 +413,10 @@ async fn sweep(shared: Arc<Shared>, bus: Bus) {
     let mut after: Option<String> = None;
     loop {
         tokio::time::sleep(shared.sweep_interval).await;
-        let batch = match bus.kv_scan(record::RECORDS, after.as_deref(), shared.sweep_batch).await {
+        let batch = match bus
+            .kv_scan(record::RECORDS, after.as_deref(), shared.sweep_batch)
+            .await
+        {
             Ok(b) => b,
             Err(txbus_core::Error::ShuttingDown) => return,
             Err(e) => {
@@ -410,7 +431,9 @@ async fn sweep(shared: Arc<Shared>, bus: Bus) {
         };
         let mut last = None;
         for entry in &batch {
-            let Some(op) = record::op_of(&entry.key) else { continue };
+            let Some(op) = record::op_of(&entry.key) else {
+                continue;
+            };
             if last == Some(op) {
                 continue;
             }
@@ -524,9 +547,8 @@ impl CompensatingBus {
                     continue;
                 }
                 Some(entry) => {
-                    let run: RunState = serde_json::from_slice(&entry.value).map_err(|e| {
-                        Error::Unreadable(format!("compensation run of {op}: {e}"))
-                    })?;
+                    let run: RunState = serde_json::from_slice(&entry.value)
+                        .map_err(|e| Error::Unreadable(format!("compensation run of {op}: {e}")))?;
                     if run.finished {
                         return Ok(CompensatedOutcome {
                             outcome,

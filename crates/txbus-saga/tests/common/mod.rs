@@ -1,6 +1,6 @@
 //! What the saga tests share: a bus with sagas on a fresh SQLite file, a journal of what the
 //! steps did, and hang guards.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -69,6 +69,11 @@ impl Journal {
         self.0.lock().unwrap().clone()
     }
     pub fn count(&self, entry: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|e| *e == entry).count()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| *e == entry)
+            .count()
     }
 }
