@@ -9,6 +9,8 @@
 //! `pending-memory`, `all`; over NATS JetStream: `relay-nats` and `raw-nats` (run together),
 //! `transact-remote`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
 //!
+//! Sagas (`txbus-saga`): `saga-start`, `saga-3-steps`, and `saga` for both.
+//!
 //! Relays to RabbitMQ and Redis Streams, beside the raw publish rate of the same client:
 //! `relay-rabbitmq` with `raw-rabbitmq`, `relay-redis` with `raw-redis` (each pair runs
 //! together).
@@ -32,6 +34,7 @@ mod raw_sqlite;
 mod relay_brokers;
 mod relay_nats;
 mod report;
+mod saga;
 mod scenarios;
 mod store;
 
@@ -115,7 +118,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    if let Some(result) = rt.block_on(relay_brokers::run(&args)) {
+    if let Some(result) = rt.block_on(saga::run(&args)) {
         if let Err(e) = result {
             eprintln!("txbus-bench: {e}");
             std::process::exit(1);
@@ -123,6 +126,13 @@ fn main() {
         return;
     }
     if let Some(result) = rt.block_on(cqrs::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(result) = rt.block_on(relay_brokers::run(&args)) {
         if let Err(e) = result {
             eprintln!("txbus-bench: {e}");
             std::process::exit(1);
