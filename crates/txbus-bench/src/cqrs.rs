@@ -168,7 +168,13 @@ async fn command(args: &Args) -> Result<(), BoxError> {
     let elapsed = start.elapsed();
     bus.shutdown(Duration::from_secs(10)).await?;
     target.cleanup().await?;
-    report(args, line("command", lat, elapsed), "command p50 ms", 0.5, false);
+    report(
+        args,
+        line("command", lat, elapsed),
+        "command p50 ms",
+        0.5,
+        false,
+    );
     Ok(())
 }
 
@@ -287,7 +293,13 @@ async fn query_cached(args: &Args) -> Result<(), BoxError> {
     projection.stop().await?;
     bus.shutdown(Duration::from_secs(10)).await?;
     target.cleanup().await?;
-    report(args, line("query-cached", lat, elapsed), "query-cached p50 us", 10.0, true);
+    report(
+        args,
+        line("query-cached", lat, elapsed),
+        "query-cached p50 us",
+        10.0,
+        true,
+    );
     Ok(())
 }
 
@@ -295,5 +307,11 @@ async fn query_cached(args: &Args) -> Result<(), BoxError> {
 fn report(args: &Args, l: Line, check: &str, target: f64, micros: bool) {
     l.print(args.json);
     let p50 = l.percentile_ms(0.5) * if micros { 1e3 } else { 1.0 };
-    print_check(args.json, check, p50, &format!("<= {target}"), p50 <= target);
+    print_check(
+        args.json,
+        check,
+        p50,
+        &format!("<= {target}"),
+        p50 <= target,
+    );
 }

@@ -110,7 +110,7 @@ impl Server {
         let app = Arc::new(App::default());
         let keys = Idempotency::new(bus.bus.clone(), options);
         let router = Router::new()
-            .route("/orders", post(create).get(list))
+            .route("/orders", post(create).get(list).put(create))
             .route("/big", post(big))
             .route("/flaky", post(flaky))
             .layer(layer(IdempotencyLayer::new(keys)))
@@ -347,5 +347,34 @@ async fn a_server_error_releases_the_key_so_a_retry_runs() {
     assert_eq!(replay.text(), "made on run 2");
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     assert_eq!(s.app.runs(), 2);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_covered_methods_are_configurable() {
+    let s = Server::start(Options::default(), |l| l.methods([axum::http::Method::PUT])).await;
+    let first = Request::new("PUT", "/orders")
+        .key("k")
+        .body(b"{}")
+        .send(s.addr)
+        .await;
+    let again = Request::new("PUT", "/orders")
+        .key("k")
+        .body(b"{}")
+        .send(s.addr)
+        .await;
+    assert_eq!(first.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    // POST is no longer covered: it runs every time.
+    for _ in 0..2 {
+        let r = Request::new("POST", "/orders")
+            .key("k2")
+            .body(b"{}")
+            .send(s.addr)
+            .await;
+        assert_eq!(r.header("idempotent-replayed"), None);
+    }
+    assert_eq!(s.app.runs(), 3);
     s.stop().await;
 }
