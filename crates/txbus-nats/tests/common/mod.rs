@@ -22,6 +22,13 @@ pub async fn connect() -> (async_nats::Client, jetstream::Context) {
         .await
         .expect("NATS with JetStream must run on 127.0.0.1:4222");
     let js = jetstream::new(client.clone());
+    // A stream that is never deleted: the server (2.9) removes its account's stream directory
+    // when the last stream goes, racing with a stream being created at the same moment by a
+    // test running in parallel. With this one always there, the directory stays.
+    txbus_nats::StreamSpec::new("TXBUS_TESTS_ANCHOR", ["txbus-tests-anchor"])
+        .ensure(&js)
+        .await
+        .expect("creating the tests' anchor stream");
     (client, js)
 }
 
