@@ -36,6 +36,8 @@
 //! projections).
 //! `cqrs` brings the module `cqrs` (command and query buses, idempotency keys and their HTTP
 //! layer).
+//! `saga` brings the module `saga` (orchestrated sagas with compensation, choreography
+//! helpers, compensating transacts).
 
 pub use txbus_core::*;
 
@@ -65,3 +67,8 @@ pub use txbus_nats as nats;
 /// (feature `cqrs`).
 #[cfg(feature = "cqrs")]
 pub use txbus_cqrs as cqrs;
+
+/// Sagas: orchestrated steps with compensation, steps that wait for events, choreography
+/// helpers and compensating transacts (feature `saga`).
+#[cfg(feature = "saga")]
+pub use txbus_saga as saga;
