@@ -241,7 +241,8 @@ async fn the_saga_deadline_fails_a_waiting_step_and_compensates() {
             "payment.confirmed",
             Duration::from_secs(3600),
         ))
-        .deadline(Duration::from_millis(300))
+        // Long enough for the first two steps to complete before it, even on a busy machine.
+        .deadline(Duration::from_millis(1500))
         .build()
         .unwrap();
     let sagas = Sagas::builder()
@@ -298,7 +299,8 @@ async fn an_action_running_at_the_deadline_finishes_and_is_compensated_with_the_
             }),
         )
         .step(undoable(&journal, "ship"))
-        .deadline(Duration::from_millis(200))
+        // Long enough for the first step to complete before it, even on a busy machine.
+        .deadline(Duration::from_millis(1500))
         .build()
         .unwrap();
     let sagas = Sagas::builder()
