@@ -51,6 +51,8 @@ pub struct Upcasters {
     steps: HashMap<(String, u32), (u32, Transform)>,
     /// event type → current version.
     current: HashMap<String, u32>,
+    /// event type → why a registration for it was refused; reads of that type then fail.
+    refused: HashMap<String, String>,
 }
 
 impl fmt::Debug for Upcasters {
@@ -76,18 +78,24 @@ impl Upcasters {
     /// old one cannot be converted. Registering the same `(event_type, from)` again replaces
     /// the earlier transform.
     ///
-    /// # Panics
-    ///
-    /// When `to <= from` or `from == 0`: a programming error, found at start-up.
+    /// A step that does not go up (`to <= from`, or `from == 0`) is refused: it is not
+    /// registered, and every later read of `event_type` fails with an error that names it, so
+    /// the mistake shows at the first load rather than as silently wrong data.
     pub fn register<F>(mut self, event_type: impl Into<String>, from: u32, to: u32, f: F) -> Self
     where
         F: Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
     {
-        assert!(
-            from >= 1 && to > from,
-            "an upcaster goes from a version >= 1 to a higher one (got {from} -> {to})"
-        );
         let event_type = event_type.into();
+        if from == 0 || to <= from {
+            self.refused.insert(
+                event_type,
+                format!(
+                    "an upcaster was registered from version {from} to {to}; a step goes from a \
+                     version >= 1 to a higher one: fix the registration"
+                ),
+            );
+            return self;
+        }
         let current = self.current.entry(event_type.clone()).or_insert(1);
         *current = (*current).max(to);
         self.steps.insert((event_type, from), (to, Arc::new(f)));
@@ -102,7 +110,7 @@ impl Upcasters {
 
     /// True when no upcaster is registered.
     pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
+        self.steps.is_empty() && self.refused.is_empty()
     }
 
     /// Upcasts a payload of `event_type` at schema version `version` to the current version;
@@ -120,6 +128,9 @@ impl Upcasters {
             from: version,
             reason,
         };
+        if let Some(reason) = self.refused.get(event_type) {
+            return Err(fail(reason.clone()));
+        }
         if version > current {
             return Err(fail(format!(
                 "it is newer than the current version {current} known here; upgrade this program"
@@ -141,11 +152,13 @@ impl Upcasters {
     /// The event in its current shape.
     pub(crate) fn data(&self, message: StoredMessage) -> Result<EventData, Error> {
         let stored = stored_schema_version(&message.headers);
-        let (payload, schema_version) = if stored == self.current_version(&message.event_type) {
-            (message.payload, stored)
-        } else {
-            self.upcast(&message.event_type, stored, message.payload)?
-        };
+        let refused = self.refused.contains_key(&message.event_type);
+        let (payload, schema_version) =
+            if stored == self.current_version(&message.event_type) && !refused {
+                (message.payload, stored)
+            } else {
+                self.upcast(&message.event_type, stored, message.payload)?
+            };
         Ok(EventData {
             id: message.id,
             event_type: message.event_type,

@@ -142,6 +142,11 @@ fn a_version_without_a_path_or_newer_than_known_is_an_error() {
         err.to_string().contains("no upcaster from version 1"),
         "{err}"
     );
+    // A step that does not go up is refused, and reads of its type say so.
+    let backwards = Upcasters::new().register("x.z", 2, 1, Ok);
+    assert!(!backwards.is_empty());
+    let err = backwards.upcast("x.z", 1, json!({})).unwrap_err();
+    assert!(err.to_string().contains("from version 2 to 1"), "{err}");
     // Events of a type without upcasters pass through untouched.
     assert_eq!(
         up.upcast("order.placed", 1, json!({"a": 1})).unwrap(),
