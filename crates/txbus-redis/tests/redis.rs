@@ -355,19 +355,30 @@ async fn entries_left_pending_by_a_dead_consumer_are_reclaimed() {
     delete(&mut conn, &[&stream]).await;
 }
 
-/// Drops every client connection of the Redis server several times while messages are being
-/// committed, relayed and received: the relay and the inbox reconnect and resume; every
-/// message is handled exactly once, repeats are only redeliveries, dropped by the inbox. (Run
-/// alone: it cuts the connections of every client of the shared server.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart_of_connections_under_load_loses_nothing_and_handles_once() {
+/// What one run under load saw: the ids sent, the relay's and the inbox's counters, and how
+/// often each message was handled.
+struct LoadOutcome {
+    ids: Vec<MessageId>,
+    status: txbus_relay::RelayStatus,
+    stats: txbus_relay::InboxStats,
+    handled: HashMap<MessageId, u32>,
+}
+
+/// Commits 3000 messages in chunks while the relay appends them to a fresh stream on the
+/// server at `url` and the inbox consumes it through a consumer group; once traffic flows,
+/// runs `fault` (given the stream's name), then waits until everything sent was handled and the relay drained.
+async fn under_load<F, Fut>(url: &str, fault: F) -> LoadOutcome
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let stream = unique("txbus-t");
     let dir = tempfile::tempdir().unwrap();
     let origin = open_bus(&dir, "origin.db", None).await;
     let handled: Handled = Arc::default();
     let receiver = open_bus(&dir, "receiver.db", Some(handled.clone())).await;
 
-    let source = RedisSource::new(REDIS, &stream, "billing", "billing-1")
+    let source = RedisSource::new(url, &stream, "billing", "billing-1")
         .unwrap()
         .claim_idle(Duration::from_secs(1));
     let inbox = Inbox::builder(receiver.clone(), "orders", source)
@@ -375,7 +386,7 @@ async fn redis_restart_of_connections_under_load_loses_nothing_and_handles_once(
         .backoff(Backoff::fixed(Duration::from_millis(100)))
         .start()
         .unwrap();
-    let relay = Relay::builder(origin.clone(), "out", RedisPublisher::new(REDIS).unwrap())
+    let relay = Relay::builder(origin.clone(), "out", RedisPublisher::new(url).unwrap())
         .route(to_stream(&stream))
         .backoff(Backoff::fixed(Duration::from_millis(100)))
         .start()
@@ -401,21 +412,7 @@ async fn redis_restart_of_connections_under_load_loses_nothing_and_handles_once(
     })
     .await
     .expect("traffic flows before the faults");
-    let mut killer = redis().await;
-    let mut killed = 0;
-    for _ in 0..5 {
-        let n: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(&mut killer)
-            .await
-            .unwrap();
-        killed += n;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    fault(stream.clone()).await;
 
     let ids = producer.await.unwrap();
     wait_handled(&handled, ids.len()).await;
@@ -425,30 +422,203 @@ async fn redis_restart_of_connections_under_load_loses_nothing_and_handles_once(
         .unwrap();
     let handled = handled.lock().unwrap().clone();
     let stats = inbox.stats();
-    eprintln!(
-        "connections killed {killed}; sent {} committed, relayed {} (failures {}), inbox received {} committed {} duplicates {} broker errors {}",
-        ids.len(),
-        status.published,
-        status.failures,
-        stats.received,
-        stats.committed,
-        stats.duplicates,
-        stats.broker_errors
-    );
-    assert!(killed > 0);
-    assert_eq!(handled.len(), ids.len(), "nothing lost");
-    assert!(
-        ids.iter().all(|id| handled.get(id) == Some(&1)),
-        "never handled twice"
-    );
-    assert_eq!(stats.committed, total);
-    assert!(
-        status.failures > 0 || stats.broker_errors > 0,
-        "the faults were seen"
-    );
-
     relay.shutdown(Duration::from_secs(5)).await.unwrap();
     inbox.shutdown(Duration::from_secs(5)).await.unwrap();
-    let mut conn = redis().await;
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     delete(&mut conn, &[&stream]).await;
+    LoadOutcome {
+        ids,
+        status,
+        stats,
+        handled,
+    }
+}
+
+impl LoadOutcome {
+    /// Every message handled exactly once, every one committed by the inbox once; the faults
+    /// were seen by the relay or the inbox. Repeats are only redeliveries the inbox dropped.
+    fn assert_exactly_once(&self, fault: &str) {
+        let (ids, status, stats) = (&self.ids, &self.status, &self.stats);
+        eprintln!(
+            "{fault}; sent {} committed, relayed {} (failures {}), inbox received {} committed {} duplicates {} broker errors {}",
+            ids.len(),
+            status.published,
+            status.failures,
+            stats.received,
+            stats.committed,
+            stats.duplicates,
+            stats.broker_errors
+        );
+        assert_eq!(self.handled.len(), ids.len(), "nothing lost");
+        assert!(
+            ids.iter().all(|id| self.handled.get(id) == Some(&1)),
+            "never handled twice"
+        );
+        assert_eq!(stats.committed, ids.len() as u64);
+        assert_eq!(stats.discarded, 0, "nothing refused");
+        assert!(
+            status.failures > 0 || stats.broker_errors > 0,
+            "the faults were seen"
+        );
+    }
+}
+
+/// Drops every client connection of the Redis server several times while messages are being
+/// committed, relayed and received: the relay and the inbox reconnect and resume; every
+/// message is handled exactly once, repeats are only redeliveries, dropped by the inbox. (Run
+/// alone: it cuts the connections of every client of the shared server.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_of_connections_under_load_loses_nothing_and_handles_once() {
+    let mut killed = 0;
+    let counted = &mut killed;
+    let outcome = under_load(REDIS, move |_| async move {
+        let killed = counted;
+        let mut killer = redis().await;
+        for _ in 0..5 {
+            let n: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("normal")
+                .arg("SKIPME")
+                .arg("yes")
+                .query_async(&mut killer)
+                .await
+                .unwrap();
+            *killed += n;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    assert!(killed > 0);
+    outcome.assert_exactly_once(&format!("connections killed {killed}"));
+}
+
+/// A `redis-server` of the test's own, on a free loopback port, persisting every write to its
+/// append-only file in a temp dir before answering, so that a restart keeps the streams and
+/// the consumer groups. Killed when dropped.
+struct OwnRedis {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--daemonize", "no", "--logfile", "redis.log"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server on the PATH");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        tokio::time::timeout(HANG_GUARD, async {
+            loop {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    // PING answers LOADING while the append-only file is read back.
+                    let pong: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut conn).await;
+                    if pong.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("redis-server answers within the hang guard");
+    }
+
+    async fn stream_len(&self, stream: &str) -> u64 {
+        let mut conn = redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Shuts the server down (`SHUTDOWN`: it syncs the append-only file and exits) and waits
+    /// for the process to end.
+    async fn stop(&mut self) {
+        let mut conn = redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        // The server closes the connection instead of answering.
+        let _: redis::RedisResult<Value> = redis::cmd("SHUTDOWN").query_async(&mut conn).await;
+        let mut child = self.child.take().unwrap();
+        let status = tokio::time::timeout(HANG_GUARD, child.wait())
+            .await
+            .expect("redis-server exits within the hang guard")
+            .unwrap();
+        assert!(status.success(), "redis-server exited with {status}");
+    }
+}
+
+/// Restarts the Redis server — shuts it down, keeps it down for two seconds, starts it again
+/// on the same port and data — while messages are being committed, relayed and received: the
+/// relay and the inbox reconnect by themselves and resume; every message is handled exactly
+/// once, repeats are only redeliveries, dropped by the inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_under_load_loses_nothing_and_handles_once() {
+    let mut server = OwnRedis::start().await;
+    let url = server.url();
+    let restarting = &mut server;
+    let outcome = under_load(&url, move |stream| async move {
+        let server = restarting;
+        let before = server.stream_len(&stream).await;
+        server.stop().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        server.spawn().await;
+        let after = server.stream_len(&stream).await;
+        eprintln!("stream entries before the restart {before}, after {after}");
+        assert!(
+            before > 0 && after >= before,
+            "the stream survived the restart"
+        );
+    })
+    .await;
+    outcome.assert_exactly_once("server restarted once");
 }
