@@ -118,6 +118,34 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    // The pattern scenarios on the embedded store are latencies of durable commits: measure
+    // the raw commit of the same storage first, in the same run, and compare with it.
+    const AGAINST_RAW_COMMIT: &[&str] = &[
+        "es",
+        "append",
+        "append-batch-100",
+        "load-aggregate-10k",
+        "cqrs",
+        "command",
+        "query-cached",
+        "saga",
+        "saga-start",
+        "saga-3-steps",
+    ];
+    if args.store.is_none() && AGAINST_RAW_COMMIT.contains(&args.scenario.as_str()) {
+        match raw_sqlite::raw_sqlite(&args) {
+            Ok(lines) => {
+                if let Some(commit) = lines.iter().find(|l| l.scenario == "raw-sqlite-commit") {
+                    commit.print(args.json);
+                    let _ = report::RAW_COMMIT_P50_MS.set(commit.percentile_ms(0.50));
+                }
+            }
+            Err(e) => {
+                eprintln!("txbus-bench: raw-sqlite baseline: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if let Some(result) = rt.block_on(saga::run(&args)) {
         if let Err(e) = result {
             eprintln!("txbus-bench: {e}");

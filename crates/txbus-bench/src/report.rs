@@ -1,7 +1,18 @@
 //! Measurements and how they are printed.
 
 use std::io::Write;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// The p50 of `raw-sqlite-commit` measured earlier in this run, when the scenario's figures
+/// are compared with it: each later line then carries `p50_vs_raw_commit`.
+pub static RAW_COMMIT_P50_MS: OnceLock<f64> = OnceLock::new();
+
+fn raw_ratio(line: &Line) -> Option<f64> {
+    let raw = *RAW_COMMIT_P50_MS.get()?;
+    (!line.scenario.starts_with("raw-") && raw > 0.0 && !line.latencies_ns.is_empty())
+        .then(|| line.percentile_ms(0.50) / raw)
+}
 
 /// Prints one line of the report; a closed stdout (`| head`) ends the program quietly.
 fn emit(line: &str) {
@@ -78,6 +89,9 @@ impl Line {
             for (k, v) in &self.extra {
                 obj[*k] = serde_json::json!(round(*v, 4));
             }
+            if let Some(r) = raw_ratio(self) {
+                obj["p50_vs_raw_commit"] = serde_json::json!(round(r, 3));
+            }
             emit(&obj.to_string());
         } else {
             let mut s = format!(
@@ -92,6 +106,9 @@ impl Line {
             );
             for (k, v) in &self.extra {
                 s.push_str(&format!("   {k} {v:.3}"));
+            }
+            if let Some(r) = raw_ratio(self) {
+                s.push_str(&format!("   p50_vs_raw_commit {r:.2}"));
             }
             emit(&s);
         }
