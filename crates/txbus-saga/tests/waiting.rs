@@ -64,6 +64,9 @@ async fn until_waiting(env: &Env, id: &txbus_saga::SagaId, index: usize) {
     .expect("the saga reached the waiting step");
 }
 
+/// A bound on waiting for handlers that take milliseconds; never a measurement.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_step_completes_when_its_event_is_published_with_the_saga_id() {
     let journal = Journal::default();
@@ -107,16 +110,24 @@ async fn a_waiting_step_completes_by_correlation_id_and_ignores_other_sagas_even
         .unwrap();
     until_waiting(&env, &id, 1).await;
 
-    // Another order's confirmation, and one without any correlation, change nothing.
-    env.bus
+    // Another order's confirmation, and one without any correlation, change nothing: once
+    // every handler of both has run, the saga still waits.
+    let other = env
+        .bus
         .publish(Event::new("payment.confirmed", json!({"order": 18})).correlation_id("order-18"))
         .await
         .unwrap();
-    env.bus
+    let uncorrelated = env
+        .bus
         .publish(Event::new("payment.confirmed", json!({})))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for op in [other, uncorrelated] {
+        tokio::time::timeout(HANG_GUARD, env.bus.wait(op))
+            .await
+            .unwrap()
+            .unwrap();
+    }
     let state = env.runtime.get(&id).await.unwrap().unwrap();
     assert!(matches!(
         state.pending,
@@ -220,12 +231,16 @@ async fn a_waiting_step_whose_event_does_not_come_fails_and_compensates() {
     assert!(state.steps[1].errors[0].error.contains("payment.confirmed"));
     assert_eq!(journal.entries(), vec!["do reserve", "undo reserve"]);
 
-    // A confirmation that comes too late changes nothing.
-    env.bus
+    // A confirmation that comes too late changes nothing, once its handlers have run.
+    let late = env
+        .bus
         .publish(Event::new("payment.confirmed", json!({})).correlation_id(id.as_str()))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(HANG_GUARD, env.bus.wait(late))
+        .await
+        .unwrap()
+        .unwrap();
     let after = env.runtime.get(&id).await.unwrap().unwrap();
     assert_eq!(after.version, state.version);
 }
