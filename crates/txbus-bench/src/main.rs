@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `raw-postgres`,
-//! `pending-memory`, `all`; over NATS JetStream: `relay-nats` and `raw-nats` (run together),
+//! `pending-memory`, `transact-metrics` (`transact` with the Prometheus exporter on and off,
+//! alternating in one run, and their ratio), `all`; over NATS JetStream: `relay-nats` and `raw-nats` (run together),
 //! `transact-remote`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
 //!
 //! Sagas (`txbus-saga`): `saga-start`, `saga-3-steps`, and `saga` for both.
@@ -29,6 +30,7 @@
 
 mod cqrs;
 mod es;
+mod metrics_overhead;
 mod raw_postgres;
 mod raw_sqlite;
 mod relay_brokers;
@@ -55,7 +57,7 @@ pub struct Args {
 
 const USAGE: &str =
     "usage: txbus-bench <scenario> [--json] [--secs N] [--callers N] [--dir PATH] [--pending N]
-scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, all,
+scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, transact-metrics, all,
            relay-nats, raw-nats, transact-remote";
 
 fn parse() -> Result<Args, String> {

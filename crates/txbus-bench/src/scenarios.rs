@@ -50,6 +50,7 @@ pub async fn run(args: &Args) -> Result<(), BoxError> {
             }
         }
         "pending-memory" => pending_memory(args).await?.print(args.json),
+        "transact-metrics" => crate::metrics_overhead::transact_metrics(args).await?,
         "all" => all(args).await?,
         other => return Err(format!("unknown scenario {other:?}\n{}", crate::USAGE).into()),
     }
@@ -186,8 +187,19 @@ async fn bus_with_noop(target: &Target, paused: bool) -> Result<Bus, BoxError> {
 
 /// Many callers, each committing one event and awaiting its outcome, over and over.
 async fn transact(args: &Args) -> Result<Line, BoxError> {
+    transact_with(args, "transact", |_| None).await
+}
+
+/// The `transact` scenario under the name `scenario`; `setup` sees the bus before the load
+/// starts and may leave a task running beside it (stopped at the end).
+pub(crate) async fn transact_with(
+    args: &Args,
+    scenario: &str,
+    setup: impl FnOnce(&Bus) -> Option<tokio::task::AbortHandle>,
+) -> Result<Line, BoxError> {
     let target = Target::new(args).await?;
     let bus = bus_with_noop(&target, false).await?;
+    let beside = setup(&bus);
     let deadline = Instant::now() + args.secs;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -218,9 +230,12 @@ async fn transact(args: &Args) -> Result<Line, BoxError> {
         all.extend(t.await??);
     }
     let elapsed = start.elapsed();
+    if let Some(task) = beside {
+        task.abort();
+    }
     bus.shutdown(Duration::from_secs(10)).await?;
     target.cleanup().await?;
-    Ok(Line::new("transact", all.len() as u64, elapsed, all).with("callers", args.callers as f64))
+    Ok(Line::new(scenario, all.len() as u64, elapsed, all).with("callers", args.callers as f64))
 }
 
 /// One caller, one operation at a time: commit, handle, outcome.

@@ -15,6 +15,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::commit::Commit;
 use crate::error::Error;
@@ -22,6 +24,7 @@ use crate::filter::On;
 use crate::handler::ErasedHandler;
 use crate::limits::{validate, Limits};
 use crate::message::{DeliveryContext, Event, Message, OperationId, StoredMessage};
+use crate::metrics::{AttemptOutcome, EngineMetrics};
 use crate::operation::{Operation, WatchGuard, Watchers};
 use crate::outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
 use crate::policy::Policy;
@@ -32,6 +35,7 @@ use crate::store::{
     NewDelivery, OwnerId, Store, Subscription,
 };
 use crate::stream::{ExpectedVersion, StreamAppend, MAX_STREAM_ID_BYTES};
+use crate::trace::{self, TraceParent};
 
 pub(crate) use crate::time::now_ms;
 
@@ -181,6 +185,7 @@ pub(crate) struct Engine {
     closed: AtomicBool,
     attempts: Arc<Tracker>,
     background: Mutex<Vec<AbortHandle>>,
+    metrics: EngineMetrics,
 }
 
 impl Engine {
@@ -206,7 +211,9 @@ impl Engine {
             queues.push(tx);
             receivers.push(rx);
         }
+        let metrics = EngineMetrics::new(handlers.iter().map(|h| &h.name));
         let engine = Arc::new(Self {
+            metrics,
             store,
             owner,
             slots: Arc::new(Semaphore::new(settings.buffer_capacity)),
@@ -339,12 +346,70 @@ impl Engine {
         })
     }
 
-    /// Validates, commits, and hands the deliveries to the handlers.
+    /// Validates, commits, and hands the deliveries to the handlers, in a `txbus.transact`
+    /// span with the durable append in a child `txbus.commit` span, whose trace context every
+    /// message carries (see [`crate::trace`]).
     pub(crate) async fn commit(
+        self: &Arc<Self>,
+        kind: CommitKind,
+        mut commit: Commit,
+        watch: bool,
+    ) -> Result<(u64, OperationId, Option<WatchGuard>), Error> {
+        let started = Instant::now();
+        let operation_id = *commit.operation_id.get_or_insert_with(OperationId::new);
+        let span = tracing::info_span!(
+            "txbus.transact",
+            kind = kind.name(),
+            %operation_id,
+            events = commit.events.len(),
+            error = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        let incoming = commit
+            .events
+            .iter()
+            .find_map(|e| TraceParent::from_headers(&e.headers));
+        let context = trace::start(&span, incoming);
+        let commit_span = tracing::info_span!(
+            parent: &span,
+            "txbus.commit",
+            %operation_id,
+            commit_id = tracing::field::Empty,
+            deliveries = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        if let Some(context) = trace::start(&commit_span, context) {
+            let value = context.to_string();
+            for event in &mut commit.events {
+                event
+                    .headers
+                    .extra
+                    .insert(trace::TRACEPARENT.to_owned(), value.clone());
+            }
+        }
+        let result = self
+            .commit_in_span(kind, commit, watch, &commit_span)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(_) => self.metrics.committed(kind, started.elapsed()),
+            Err(e) => {
+                span.record("error", tracing::field::display(e));
+            }
+        }
+        result
+    }
+
+    async fn commit_in_span(
         self: &Arc<Self>,
         kind: CommitKind,
         commit: Commit,
         watch: bool,
+        commit_span: &tracing::Span,
     ) -> Result<(u64, OperationId, Option<WatchGuard>), Error> {
         if self.is_stopping() {
             return Err(Error::ShuttingDown);
@@ -400,7 +465,13 @@ impl Engine {
             streams,
             kv,
         };
-        let receipt = self.store.append(commit).await?;
+        commit_span.record("deliveries", commit.deliveries.len());
+        let receipt = self
+            .store
+            .append(commit)
+            .instrument(commit_span.clone())
+            .await?;
+        commit_span.record("commit_id", receipt.commit_id);
         self.log_tick.send_modify(|t| *t = t.wrapping_add(1));
         if let Some(outcome) = receipt.finished {
             self.watchers.finish(outcome);
@@ -540,12 +611,44 @@ impl Engine {
         }
     }
 
+    /// Runs one attempt in a `txbus.attempt` span, a child of the commit's span by the
+    /// message's trace context.
     async fn run_attempt(
         self: Arc<Self>,
         job: Job,
         permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     ) {
         let entry = &self.handlers[job.handler];
+        let span = tracing::info_span!(
+            parent: None,
+            "txbus.attempt",
+            operation_id = %job.operation_id,
+            event_type = %job.message.event_type,
+            handler = %entry.name,
+            attempt = job.attempts + 1,
+            delivery_id = job.id,
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        let context = trace::start(&span, TraceParent::from_headers(&job.message.headers));
+        let engine = Arc::clone(&self);
+        engine
+            .attempt_in_span(job, permits, context, &span)
+            .instrument(span.clone())
+            .await;
+    }
+
+    async fn attempt_in_span(
+        self: Arc<Self>,
+        job: Job,
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        context: Option<TraceParent>,
+        span: &tracing::Span,
+    ) {
+        let entry = &self.handlers[job.handler];
+        let metrics = self.metrics.handler(job.handler);
         let attempt = job.attempts + 1;
         let message = Message::new(
             Arc::clone(&job.message),
@@ -557,7 +660,8 @@ impl Engine {
                 attempt,
                 delivery_id: job.id,
             },
-        );
+        )
+        .with_trace(context);
         let transient = if job.interruptions > self.settings.max_interruptions {
             // Its process went down while holding it, again and again: do not run it once more.
             drop(permits);
@@ -570,11 +674,16 @@ impl Engine {
             ))
         } else {
             let call = AssertUnwindSafe(entry.handler.call(message)).catch_unwind();
+            let started = Instant::now();
             let ran = tokio::time::timeout(entry.policy.timeout, call).await;
+            if let Some(m) = metrics {
+                m.attempt_ran(started.elapsed());
+            }
             drop(permits);
             Self::classify(ran, entry.policy.timeout)
         };
         let mut retry_in = None;
+        let mut outcome = AttemptOutcome::Succeeded;
         let (result, progress) = match transient {
             None => (
                 DeliveryResult::Succeeded,
@@ -592,6 +701,7 @@ impl Engine {
             {
                 let delay = entry.policy.backoff.delay(attempt);
                 retry_in = Some(delay);
+                outcome = AttemptOutcome::Retried;
                 tracing::debug!(handler = %entry.name, delivery = job.id, attempt, %reason, "attempt failed; retrying");
                 let next_at_ms =
                     now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
@@ -619,6 +729,11 @@ impl Engine {
                     attempts: attempt,
                 };
                 tracing::warn!(handler = %entry.name, delivery = job.id, %failure, "delivery failed");
+                outcome = if kind == FailureKind::Rejected {
+                    AttemptOutcome::Rejected
+                } else {
+                    AttemptOutcome::Dead
+                };
                 (
                     DeliveryResult::Failed {
                         failure: failure.clone(),
@@ -638,9 +753,21 @@ impl Engine {
         // Progress goes out before the ack, so it always precedes the outcome, which needs
         // every ack; the outcome itself is reported only once it is durable.
         self.watchers.progress(job.operation_id, progress);
-        match self.complete(completion).await {
+        let effect = self.complete(completion).await;
+        let recorded = match effect {
+            Some(CompletionEffect::Applied(_)) => outcome,
+            Some(CompletionEffect::Stale) => AttemptOutcome::Stale,
+            None => AttemptOutcome::Unrecorded,
+        };
+        span.record("outcome", recorded.name());
+        if let Some(m) = metrics {
+            m.record(recorded);
+        }
+        match effect {
             Some(CompletionEffect::Applied(finished)) => {
                 if let Some(outcome) = finished {
+                    self.metrics.operation_finished(outcome.is_ok());
+                    tracing::debug!(operation_id = %outcome.operation_id, ok = outcome.is_ok(), "operation finished");
                     self.watchers.finish(outcome);
                 }
             }

@@ -267,6 +267,7 @@ impl StoredMessage {
 pub struct Message {
     pub(crate) data: Arc<StoredMessage>,
     pub(crate) context: DeliveryContext,
+    pub(crate) trace: Option<crate::trace::TraceParent>,
 }
 
 /// Where a delivery attempt stands: which operation, which handler, which attempt.
@@ -289,7 +290,25 @@ pub struct DeliveryContext {
 impl Message {
     /// Builds a message for a handler; used by the engine and by handler tests.
     pub fn new(data: Arc<StoredMessage>, context: DeliveryContext) -> Self {
-        Self { data, context }
+        let trace = crate::trace::TraceParent::from_headers(&data.headers);
+        Self {
+            data,
+            context,
+            trace,
+        }
+    }
+
+    /// Sets the trace context of this attempt (see [`Message::trace_parent`]).
+    pub fn with_trace(mut self, trace: Option<crate::trace::TraceParent>) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// The trace context of this attempt: pass it on (as a W3C `traceparent`) to the calls
+    /// the handler makes, so that they continue the operation's trace under this attempt's
+    /// span. `None` when nobody traces.
+    pub fn trace_parent(&self) -> Option<crate::trace::TraceParent> {
+        self.trace
     }
 
     /// The stable message id: the same on every attempt and after a restart.

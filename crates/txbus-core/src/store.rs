@@ -48,6 +48,13 @@ pub enum Error {
         /// The store's path.
         path: String,
     },
+    /// The store was opened read-only (beside the process that holds it), and the call would
+    /// write; nothing was written.
+    #[error("the store at {path} is open read-only, so nothing was changed; stop the process that holds it and run this again, or act through that process (its bus or dashboard)")]
+    ReadOnly {
+        /// The store's path.
+        path: String,
+    },
     /// Stored data could not be read back (corrupt or edited by hand).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -93,6 +100,14 @@ pub enum CommitKind {
 }
 
 impl CommitKind {
+    /// Its name in metrics and traces: `transact` or `publish`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Transact => "transact",
+            Self::Publish => "publish",
+        }
+    }
+
     /// From its stored number.
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {

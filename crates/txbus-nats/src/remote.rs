@@ -118,13 +118,17 @@ impl Handler for RemoteHandler {
             .map_err(|e| HandlerError::transient(format!("subscribing to {reply_to}: {e}")))?;
         let destination = inner.route.destination(message.stored());
         let context = message.context();
-        let outbound = OutboundMessage::from_stored(
+        let mut outbound = OutboundMessage::from_stored(
             message.stored().clone(),
             message.operation_id(),
             context.commit_id,
             context.index,
             destination.clone(),
         );
+        // The remote side continues the trace under this attempt's span.
+        if let Some(context) = message.trace_parent() {
+            context.write_to(&mut outbound.headers);
+        }
         let mut headers = nats_headers(&outbound);
         headers.insert(wire::REPLY_TO, reply_to.as_str());
         let publish = Publish::build()

@@ -99,6 +99,7 @@ pub(crate) fn spawn(
 /// Serves batches until the queue is closed and empty.
 async fn lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Request>>>, max_batch: usize) {
     let mut conn: Option<PgConnection> = None;
+    let group_commits = txbus_core::metrics::GroupCommitMetrics::new("postgres");
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -119,6 +120,7 @@ async fn lane(shared: Arc<Shared>, rx: Arc<Mutex<mpsc::Receiver<Request>>>, max_
             }
             batch
         };
+        group_commits.record(batch.len());
         process(&shared, &mut conn, batch).await;
     }
     if let Some(conn) = conn.take() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
 use txbus_core::{Backoff, Bus, Commit, Conflict, KvExpect, KvWrite, MessageId, OperationId};
 
 use crate::error::Error;
@@ -364,10 +365,35 @@ async fn process<A: Acker, R: Replier>(
         (Some(_), Some(to)) => Some(to.clone()),
         _ => None,
     };
+    let (span, event) = crate::trace::inbox_span(&shared.name, &message, message.to_event());
+    commit_received(
+        shared,
+        received.acker,
+        received.delivery_count,
+        slot,
+        message,
+        answer_to,
+        event,
+    )
+    .instrument(span)
+    .await
+}
+
+/// The rest of [`process`], in the message's `txbus.inbox` span.
+async fn commit_received<A: Acker, R: Replier>(
+    shared: Arc<Shared<R>>,
+    acker: A,
+    delivery_count: Option<u64>,
+    slot: OwnedSemaphorePermit,
+    message: InboundMessage,
+    answer_to: Option<String>,
+    event: txbus_core::Event,
+) {
+    let counters = &shared.counters;
     let key = dedupe_key(&shared.name, message.id);
     let operation_id = OperationId::new();
     let commit = Commit::new()
-        .event(message.to_event())
+        .event(event)
         .operation_id(operation_id)
         .kv(
             KvWrite::put(key.clone(), operation_id.to_string().into_bytes())
@@ -382,12 +408,12 @@ async fn process<A: Acker, R: Replier>(
     let wait = match committed {
         Ok(operation) => {
             bump(&counters.committed);
-            settle(&shared, received.acker.ack().await);
+            settle(&shared, acker.ack().await);
             Wait::Operation(operation)
         }
         Err(txbus_core::Error::Conflict(Conflict::Key { key: k, .. })) if k == key => {
             bump(&counters.duplicates);
-            tracing::debug!(inbox = %shared.name, message = %message.id, deliveries = ?received.delivery_count, "repeat of a message already committed");
+            tracing::debug!(inbox = %shared.name, message = %message.id, deliveries = ?delivery_count, "repeat of a message already committed");
             let first = if answer_to.is_some() {
                 first_operation(&shared, &key).await
             } else {
@@ -395,13 +421,13 @@ async fn process<A: Acker, R: Replier>(
             };
             match first {
                 Ok(first) => {
-                    settle(&shared, received.acker.ack().await);
+                    settle(&shared, acker.ack().await);
                     Wait::Repeat(first)
                 }
                 Err(e) => {
                     tracing::warn!(inbox = %shared.name, error = %e, "reading a dedupe mark failed; the broker delivers the message again");
                     bump(&counters.retried);
-                    settle(&shared, received.acker.retry(shared.retry_delay).await);
+                    settle(&shared, acker.retry(shared.retry_delay).await);
                     return;
                 }
             }
@@ -413,13 +439,13 @@ async fn process<A: Acker, R: Replier>(
         ) => {
             tracing::error!(inbox = %shared.name, message = %message.id, error = %e, "the bus refuses the message; discarding it");
             bump(&counters.discarded);
-            settle(&shared, received.acker.discard().await);
+            settle(&shared, acker.discard().await);
             Wait::Refused(e.to_string())
         }
         Err(e) => {
             tracing::warn!(inbox = %shared.name, message = %message.id, error = %e, "committing a received message failed; the broker delivers it again");
             bump(&counters.retried);
-            settle(&shared, received.acker.retry(shared.retry_delay).await);
+            settle(&shared, acker.retry(shared.retry_delay).await);
             return;
         }
     };

@@ -46,12 +46,14 @@ pub mod conformance;
 mod error;
 mod inbound;
 mod inbox;
+mod metrics;
 mod outbound;
 mod publisher;
 mod relay;
 mod remote;
 mod route;
 mod source;
+mod trace;
 pub mod wire;
 
 pub use checkpoint::{checkpoint_key, read_checkpoint};

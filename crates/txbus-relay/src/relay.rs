@@ -15,6 +15,7 @@ use txbus_core::{Backoff, Bus, On};
 
 use crate::checkpoint::{is_conflict, Checkpoint};
 use crate::error::Error;
+use crate::metrics::RelayMetrics;
 use crate::outbound::OutboundMessage;
 use crate::publisher::Publisher;
 use crate::route::{Route, SubjectRoute};
@@ -164,6 +165,7 @@ impl<P: Publisher> RelayBuilder<P> {
             poll_interval: self.poll_interval,
             backoff: self.backoff,
             status: status_tx,
+            metrics: RelayMetrics::new(&name),
         };
         let task = tokio::spawn(worker.run(checkpoint, stop_rx));
         Ok(RelayHandle {
@@ -292,6 +294,7 @@ struct Worker<P> {
     poll_interval: Duration,
     backoff: Backoff,
     status: watch::Sender<RelayStatus>,
+    metrics: RelayMetrics,
 }
 
 /// The relay's moving parts, kept by its one task.
@@ -367,6 +370,7 @@ impl<P: Publisher> Worker<P> {
                         st.confirmed = position;
                         st.in_flight = st.in_flight.saturating_sub(count);
                         st.failures_in_row = 0;
+                        self.metrics.published(count);
                         self.status.send_modify(|s| {
                             s.published += count as u64;
                             s.last_error = None;
@@ -415,6 +419,8 @@ impl<P: Publisher> Worker<P> {
     }
 
     fn publish_status(&self, st: &State, idle: bool) {
+        self.metrics
+            .lag(st.head.saturating_sub(st.checkpoint.position));
         self.status.send_if_modified(|s| {
             let before = (
                 s.checkpoint,
@@ -461,17 +467,24 @@ impl<P: Publisher> Worker<P> {
             return;
         };
         let mut batch = Vec::new();
+        // Each message's span lasts until the broker confirms it.
+        let mut spans = Vec::new();
         for commit in commits {
             for (index, message) in commit.messages.into_iter().enumerate() {
                 if self.filter.matches(&message) {
                     let destination = self.route.destination(&message);
-                    batch.push(OutboundMessage::from_stored(
+                    let mut outbound = OutboundMessage::from_stored(
                         message,
                         commit.operation_id,
                         commit.position,
                         u32::try_from(index).unwrap_or(u32::MAX),
                         destination,
-                    ));
+                    );
+                    let span = crate::trace::relay_span(&self.name, &mut outbound);
+                    if !span.is_disabled() {
+                        spans.push(span);
+                    }
+                    batch.push(outbound);
                 }
             }
         }
@@ -488,10 +501,9 @@ impl<P: Publisher> Worker<P> {
                 st.read_position = last;
                 st.in_flight += count;
                 st.pending.push_back(Box::pin(async move {
-                    confirm
-                        .await
-                        .map(|()| (last, count))
-                        .map_err(|e| e.to_string())
+                    let confirmed = confirm.await;
+                    drop(spans);
+                    confirmed.map(|()| (last, count)).map_err(|e| e.to_string())
                 }));
             }
             Err(e) => self.broker_failed(st, e.to_string()),
@@ -516,6 +528,7 @@ impl<P: Publisher> Worker<P> {
     fn back_off(&self, st: &mut State, error: String) {
         st.caught_up = false;
         st.failures_in_row = st.failures_in_row.saturating_add(1);
+        self.metrics.failed();
         st.retry_at = Some(Instant::now() + self.backoff.delay(st.failures_in_row));
         self.status.send_modify(|s| {
             s.failures += 1;

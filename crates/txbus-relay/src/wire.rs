@@ -39,6 +39,9 @@ pub const CAUSATION_ID: &str = "Txbus-Causation-Id";
 pub const HEADERS: &str = "Txbus-Headers";
 /// Where the receiver sends the outcome of a `transact` across services.
 pub const REPLY_TO: &str = "Txbus-Reply-To";
+/// The W3C trace context, when the message carries one (also inside [`HEADERS`]; here under
+/// its standard name for tracing tools).
+pub const TRACEPARENT: &str = txbus_core::trace::TRACEPARENT;
 
 /// Why a received message could not be decoded. Such a message can never be committed, so
 /// the inbox discards it (and answers a waiting origin with the reason).
@@ -79,6 +82,9 @@ pub fn headers(message: &OutboundMessage) -> Vec<(&'static str, String)> {
     if let Some(c) = &message.headers.causation_id {
         out.push((CAUSATION_ID, c.clone()));
     }
+    if let Some(t) = message.headers.extra.get(TRACEPARENT) {
+        out.push((TRACEPARENT, t.clone()));
+    }
     if !message.headers.is_empty() {
         if let Ok(json) = serde_json::to_string(&message.headers) {
             out.push((HEADERS, json));
@@ -108,11 +114,17 @@ pub fn decode(
     };
     let headers = match get(HEADERS) {
         Some(v) => serde_json::from_str::<Headers>(&v).map_err(|e| invalid(HEADERS, &v, e))?,
-        None => Headers {
-            correlation_id: get(CORRELATION_ID),
-            causation_id: get(CAUSATION_ID),
-            ..Headers::default()
-        },
+        None => {
+            let mut headers = Headers {
+                correlation_id: get(CORRELATION_ID),
+                causation_id: get(CAUSATION_ID),
+                ..Headers::default()
+            };
+            if let Some(t) = get(TRACEPARENT) {
+                headers.extra.insert(TRACEPARENT.to_owned(), t);
+            }
+            headers
+        }
     };
     let payload =
         serde_json::from_slice(payload).map_err(|e| DecodeError::Payload(e.to_string()))?;

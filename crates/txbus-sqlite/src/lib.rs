@@ -22,6 +22,7 @@ mod kv;
 mod lock;
 mod prune;
 mod read;
+mod read_only;
 mod row;
 mod schema;
 mod stream;
@@ -43,6 +44,7 @@ use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PruneReport, Ret
 
 use crate::error::sql;
 use crate::writer::{Op, Out, Request, Writer};
+pub use read_only::ReadOnlySqliteStore;
 
 /// How hard a commit is pushed to disk before `transact` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -139,6 +141,12 @@ impl SqliteStore {
     /// Opens (or creates) the store at `path` with default options: full durability.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         SqliteOptions::new(path).open()
+    }
+
+    /// Opens the store at `path` read-only, beside the process that may hold it (see
+    /// [`ReadOnlySqliteStore`]).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<ReadOnlySqliteStore, Error> {
+        ReadOnlySqliteStore::open(path)
     }
 
     /// Options to open the store at `path` with.

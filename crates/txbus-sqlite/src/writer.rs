@@ -139,6 +139,7 @@ impl Writer {
     /// Serves requests until every sender is gone, then checkpoints the WAL.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        let group_commits = txbus_core::metrics::GroupCommitMetrics::new("sqlite");
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             while batch.len() < self.max_batch {
@@ -147,6 +148,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            group_commits.record(batch.len());
             self.process(&mut batch);
         }
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {

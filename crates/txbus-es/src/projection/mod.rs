@@ -63,6 +63,7 @@
 
 mod checkpoint;
 mod handle;
+mod metrics;
 mod runner;
 mod tx;
 

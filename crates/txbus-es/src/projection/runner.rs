@@ -185,6 +185,7 @@ impl Projector {
             commands: command_rx,
             stop: stop_rx,
             shared: Arc::clone(&shared),
+            metrics: super::metrics::ProjectionMetrics::new(&self.name),
         };
         tracing::info!(projection = %self.name, checkpoint = cp.position, "projection starting");
         let task = tokio::spawn(runner.run());
@@ -253,6 +254,7 @@ struct Runner {
     commands: mpsc::Receiver<Command>,
     stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
+    metrics: super::metrics::ProjectionMetrics,
 }
 
 impl Runner {
@@ -470,6 +472,7 @@ impl Runner {
             0
         };
         self.shared.lag.store(lag, Ordering::Relaxed);
+        self.metrics.set(last, lag);
         self.checkpoint.send_replace(last);
         tracing::debug!(projection = %self.name, checkpoint = last, lag, events = events.len(), "projected a page");
         Ok(Step::Advanced)
