@@ -16,8 +16,8 @@ pub struct Limits {
     pub max_events_per_commit: usize,
     /// Longest event type, module or header name, in bytes. Default 255.
     pub max_name_bytes: usize,
-    /// Deepest nesting of arrays and objects in a payload. Default 128: what a stored payload
-    /// may have to be read back, since JSON parsers stop there (serde_json's own limit).
+    /// Deepest nesting of arrays and objects in a payload. Default 127: the deepest a stored
+    /// payload can be and still be read back (serde_json's parser stops at 128 levels).
     pub max_payload_depth: usize,
 }
 
@@ -27,7 +27,7 @@ impl Default for Limits {
             max_payload_bytes: 1024 * 1024,
             max_events_per_commit: 10_000,
             max_name_bytes: 255,
-            max_payload_depth: 128,
+            max_payload_depth: 127,
         }
     }
 }
@@ -280,6 +280,36 @@ mod tests {
         assert!(err.to_string().contains("event 0"), "{err}");
         let err = validate(vec![], &Limits::default(), &SchemaRegistry::new()).unwrap_err();
         assert!(matches!(err, Error::NoEvents));
+    }
+
+    #[test]
+    fn the_deepest_payload_allowed_reads_back_and_one_level_more_is_refused() {
+        let nest = |depth: usize| {
+            let mut v = json!(0);
+            for _ in 0..depth {
+                v = json!({ "a": [v] });
+            }
+            v
+        };
+        let limits = Limits::default();
+        // Each step nests two levels (an object, then an array).
+        let deepest = nest(limits.max_payload_depth / 2);
+        let deepest = json!([deepest]);
+        let stored = validate(
+            vec![Event::new("a", deepest)],
+            &limits,
+            &SchemaRegistry::new(),
+        )
+        .unwrap();
+        let back: Result<Value, _> = serde_json::from_str(&stored[0].payload_json);
+        assert!(back.is_ok(), "{back:?}");
+        let err = validate(
+            vec![Event::new("a", json!([[nest(limits.max_payload_depth / 2)]]))],
+            &limits,
+            &SchemaRegistry::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("nested more than 127"), "{err}");
     }
 
     #[test]
