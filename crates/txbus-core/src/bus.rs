@@ -192,6 +192,14 @@ impl Bus {
         Ok(chain::verify(self.engine.store.as_ref()).await?)
     }
 
+    /// Walks the log like [`Bus::verify`], reporting progress after every page of commits.
+    pub async fn verify_with_progress<F>(&self, progress: F) -> Result<VerifyReport, Error>
+    where
+        F: FnMut(chain::VerifyProgress) + Send,
+    {
+        Ok(chain::verify_with_progress(self.engine.store.as_ref(), progress).await?)
+    }
+
     /// Counts what the store holds.
     pub async fn stats(&self) -> Result<Stats, Error> {
         Ok(self.engine.store.stats().await?)
