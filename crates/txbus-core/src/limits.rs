@@ -304,7 +304,10 @@ mod tests {
         let back: Result<Value, _> = serde_json::from_str(&stored[0].payload_json);
         assert!(back.is_ok(), "{back:?}");
         let err = validate(
-            vec![Event::new("a", json!([[nest(limits.max_payload_depth / 2)]]))],
+            vec![Event::new(
+                "a",
+                json!([[nest(limits.max_payload_depth / 2)]]),
+            )],
             &limits,
             &SchemaRegistry::new(),
         )
