@@ -46,11 +46,14 @@ impl ReadOnlySqliteStore {
                 path.display()
             )));
         }
+        // Read-write at the file level (never created), read-only by `query_only`: a reader
+        // beside a writer in WAL mode must be able to take its read mark in the shared
+        // memory file, which a connection opened read-only cannot always do.
         let conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(sql("opening the database file read-only"))?;
+        .map_err(sql("opening the database file"))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(sql("setting the busy timeout"))?;
         conn.execute_batch("PRAGMA query_only = 1")

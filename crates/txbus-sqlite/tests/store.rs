@@ -198,3 +198,42 @@ async fn verify_reports_progress_after_each_page() {
     );
     store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_held_by_a_process_can_be_read_read_only_and_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let held = SqliteStore::open(&path).unwrap();
+    for n in 1..=3 {
+        held.append(commit(n, None)).await.unwrap();
+    }
+    assert!(matches!(
+        SqliteStore::open(&path),
+        Err(txbus_core::store::Error::Locked { .. })
+    ));
+    let reader = SqliteStore::open_read_only(&path).unwrap();
+    assert_eq!(reader.read_log(0, 10).await.unwrap().len(), 3);
+    assert_eq!(reader.stats().await.unwrap().commits, 3);
+    assert!(chain::verify(&reader).await.unwrap().is_intact());
+    // What the holder commits later is seen.
+    held.append(commit(4, None)).await.unwrap();
+    assert_eq!(reader.read_log(3, 10).await.unwrap().len(), 1);
+    let refused = reader
+        .kv_write(vec![txbus_core::KvWrite::put("k", b"v".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, txbus_core::store::Error::ReadOnly { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("read-only"), "{refused}");
+    assert!(reader.append(commit(5, None)).await.is_err());
+    assert!(held.kv_get("k").await.unwrap().is_none());
+    assert_eq!(held.read_log(0, 10).await.unwrap().len(), 4);
+    // A path without a store is named, and no file is made.
+    let missing = dir.path().join("none.db");
+    let err = SqliteStore::open_read_only(&missing).unwrap_err();
+    assert!(err.to_string().contains("no store file"), "{err}");
+    assert!(!missing.exists());
+    held.close().await.unwrap();
+}

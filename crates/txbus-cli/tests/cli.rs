@@ -1,0 +1,453 @@
+//! The real `txbus` binary against real stores: an embedded store held by a running bus, and
+//! PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use txbus_core::{Backoff, Bus, Event, HandlerError, KvWrite, Message, On, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_txbus");
+
+fn txbus(store: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .env_remove("TXBUS_STORE")
+        .output()
+        .expect("run txbus")
+}
+
+/// Runs a command that must succeed with `--json`; returns each line of its output as JSON.
+fn json_lines(store: &str, args: &[&str]) -> Vec<Value> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = txbus(store, &all);
+    assert!(
+        out.status.success(),
+        "txbus {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn one(store: &str, args: &[&str]) -> Value {
+    let mut lines = json_lines(store, args);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines.pop().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A bus with a handler that succeeds and one that always fails (dead letters after one
+/// retry), loaded with `ok` good operations and `bad` failing ones.
+async fn loaded_bus(store: impl Store, ok: usize, bad: usize) -> (Bus, Vec<String>) {
+    let bus = Bus::builder()
+        .store(store)
+        .max_retries(1)
+        .backoff(Backoff::fixed(Duration::from_millis(5)))
+        .handler("cli-ok", On::event("cli.ok"), |_m: Message| async {
+            Ok(())
+        })
+        .handler("cli-failing", On::event("cli.bad"), |_m: Message| async {
+            Err(HandlerError::transient("the printer is on fire"))
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut failed = Vec::new();
+    for i in 0..ok {
+        let op = bus
+            .transact([Event::new("cli.ok", json!({"i": i})).module("cli")])
+            .await
+            .unwrap();
+        assert!(op.outcome().await.unwrap().is_ok());
+    }
+    for i in 0..bad {
+        let op = bus
+            .transact([Event::new("cli.bad", json!({"i": i}))])
+            .await
+            .unwrap();
+        failed.push(op.id().to_string());
+        assert!(!op.outcome().await.unwrap().is_ok());
+    }
+    bus.kv_write(vec![
+        KvWrite::put(txbus_relay_key("to-nats"), b"3".to_vec()),
+        KvWrite::put(
+            "projection/balances/checkpoint",
+            br#"{"position":4}"#.to_vec(),
+        ),
+    ])
+    .await
+    .unwrap();
+    (bus, failed)
+}
+
+fn txbus_relay_key(name: &str) -> String {
+    format!("relay/{name}/checkpoint")
+}
+
+/// Checks every reading command on a store with 5 good and 2 failed operations.
+fn check_reads(store: &str, failed: &[String]) {
+    let status = one(store, &["status"]);
+    assert_eq!(status["commits"], 7, "{status}");
+    assert_eq!(status["deliveries"]["dead"], 2, "{status}");
+    assert_eq!(status["deliveries"]["succeeded"], 5, "{status}");
+    assert_eq!(status["pending_operations"], 0, "{status}");
+
+    let ops = one(store, &["ops", "list", "-n", "3"]);
+    let ops = ops.as_array().unwrap();
+    assert_eq!(ops.len(), 3);
+    assert_eq!(
+        ops[0]["operation_id"],
+        failed[1].as_str(),
+        "newest first: {ops:?}"
+    );
+    assert_eq!(ops[0]["status"], "failed");
+    assert_eq!(ops[2]["status"], "succeeded");
+    assert_eq!(ops[2]["events"], json!(["cli.ok"]));
+
+    let shown = one(store, &["ops", "show", &failed[0]]);
+    assert_eq!(shown["status"], "failed");
+    assert_eq!(shown["error"]["handler"], "cli-failing");
+    assert_eq!(shown["error"]["kind"], "retries_exhausted", "{shown}");
+    let text = txbus(store, &["ops", "show", &failed[0]]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("the printer is on fire"), "{text}");
+
+    let dead = one(store, &["dlq", "list"]);
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["handler"], "cli-failing");
+    assert_eq!(dead[0]["attempts"], 2);
+    let id = dead[0]["delivery_id"].as_i64().unwrap().to_string();
+    let letter = one(store, &["dlq", "show", &id]);
+    assert_eq!(letter["payload"], json!({"i": 0}));
+    assert_eq!(letter["error"], "the printer is on fire");
+    let only = one(store, &["dlq", "list", "--handler", "cli-ok"]);
+    assert_eq!(only, json!([]));
+
+    let log = json_lines(store, &["log", "tail", "-n", "3"]);
+    let positions: Vec<_> = log
+        .iter()
+        .map(|c| c["position"].as_u64().unwrap())
+        .collect();
+    assert_eq!(positions, vec![5, 6, 7]);
+    assert_eq!(log[0]["kind"], "transact");
+    assert_eq!(log[0]["events"][0]["module"], "cli");
+
+    let verify = one(store, &["verify"]);
+    assert_eq!(
+        verify,
+        json!({"intact": true, "verified": 7, "first_broken": null})
+    );
+
+    assert_eq!(
+        one(store, &["relays"]),
+        json!([{"name": "to-nats", "checkpoint": 3, "lag": 4}])
+    );
+    assert_eq!(
+        one(store, &["projections"]),
+        json!([{"name": "balances", "checkpoint": 4, "lag": 3}])
+    );
+    assert_eq!(one(store, &["sagas"]), json!([]));
+
+    let missing = txbus(
+        store,
+        &["ops", "show", "01a200b8-fcf8-7760-a1d8-ad67d6ae4f43"],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("unknown here"),
+        "{}",
+        stderr(&missing)
+    );
+    let bad_id = txbus(store, &["ops", "show", "nope"]);
+    assert!(
+        stderr(&bad_id).contains("is not a UUID"),
+        "{}",
+        stderr(&bad_id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_held_by_a_running_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("held.db");
+    let store = format!("sqlite:{}", path.display());
+    let (bus, failed) = loaded_bus(txbus_sqlite::SqliteStore::open(&path).unwrap(), 5, 2).await;
+
+    // Reading works while the bus holds the file.
+    tokio::task::spawn_blocking({
+        let (store, failed) = (store.clone(), failed.clone());
+        move || check_reads(&store, &failed)
+    })
+    .await
+    .unwrap();
+
+    // Human text, too.
+    let out = txbus(&store, &["status"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("commits             7"), "{text}");
+
+    // Writing is refused, with what to do.
+    let dead = one(&store, &["dlq", "list"]);
+    let id = dead[0]["delivery_id"].as_i64().unwrap().to_string();
+    let refused = txbus(&store, &["dlq", "replay", &id]);
+    assert_eq!(refused.status.code(), Some(2));
+    let why = stderr(&refused);
+    assert!(
+        why.contains("held by a running process") && why.contains("stop that process"),
+        "{why}"
+    );
+
+    // `log tail --follow` prints commits made after it started.
+    assert_eq!(json_lines(&store, &["log", "tail", "-n", "1"]).len(), 1);
+    let mut follower = tokio::process::Command::new(BIN)
+        .args([
+            "--store", &store, "log", "tail", "-n", "1", "--follow", "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(follower.stdout.take().unwrap()).lines();
+    async fn next_line(
+        lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    ) -> String {
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("a line from the follower")
+            .unwrap()
+            .expect("the follower is still running")
+    }
+    // It prints the last commit first: then it is following.
+    let first = next_line(&mut lines).await;
+    assert!(first.contains("\"position\":7"), "{first}");
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let op = bus
+            .transact([Event::new("cli.ok", json!({"late": i}))])
+            .await
+            .unwrap();
+        ids.push(op.id().to_string());
+    }
+    for id in &ids {
+        let line = next_line(&mut lines).await;
+        let commit: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(commit["operation_id"], id.as_str(), "{line}");
+    }
+    follower.kill().await.unwrap();
+
+    // Once the bus is gone, replay works; the dead letter is pending again.
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    let replayed = one(&store, &["dlq", "replay", &id]);
+    assert_eq!(replayed["replayed"], json!([id.parse::<i64>().unwrap()]));
+    let status = one(&store, &["status"]);
+    assert_eq!(status["deliveries"]["dead"], 1, "{status}");
+    assert_eq!(status["deliveries"]["pending"], 1, "{status}");
+    let again = txbus(&store, &["dlq", "replay", &id]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("is not a dead letter"));
+
+    // An edited commit: verify says where, and exits 1.
+    {
+        let conn = rusqlite_open(&path);
+        conn.execute(
+            "UPDATE messages SET payload = '{\"i\":99}' WHERE position = 4",
+            [],
+        )
+        .unwrap();
+    }
+    let broken = txbus(&store, &["verify"]);
+    assert_eq!(broken.status.code(), Some(1));
+    let text = String::from_utf8(broken.stdout).unwrap();
+    assert!(
+        text.contains("BROKEN at position 4") && text.contains("edited"),
+        "{text}"
+    );
+}
+
+fn rusqlite_open(path: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(path).unwrap()
+}
+
+#[test]
+fn a_missing_or_wrong_store_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing.db");
+    let out = txbus(&format!("sqlite:{}", missing.display()), &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no store file at"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!missing.exists(), "a read must not create a store");
+    let out = txbus(
+        &format!("sqlite:{}", missing.display()),
+        &["dlq", "replay", "1"],
+    );
+    assert!(
+        stderr(&out).contains("no store file at"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!missing.exists(), "a write must not create a store either");
+
+    let not_a_store = dir.path().join("notes.txt");
+    std::fs::write(&not_a_store, "hello, this is not SQLite").unwrap();
+    let out = txbus(not_a_store.to_str().unwrap(), &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not a txbus store"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = txbus("mysql://x/y", &["status"]);
+    assert!(
+        stderr(&out).contains("unknown kind of store"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new(BIN)
+        .arg("status")
+        .env_remove("TXBUS_STORE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no store given"), "{}", stderr(&out));
+
+    let url = pg_url();
+    let out = txbus(&url, &["--schema", "no_such_txbus_schema", "status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no txbus store in schema"),
+        "{}",
+        stderr(&out)
+    );
+    let out = txbus("postgres://postgres@127.0.0.1:1/test", &["status"]);
+    assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
+}
+
+fn pg_url() -> String {
+    std::env::var("TXBUS_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store() {
+    let schema = format!("cli_{:016x}", fastrand_u64());
+    let url = pg_url();
+    let pg = txbus_postgres::PostgresOptions::new(url.clone())
+        .schema(schema.clone())
+        .connect()
+        .await
+        .unwrap();
+    let (bus, failed) = loaded_bus(pg, 5, 2).await;
+    // The log is sealed shortly after the commits: wait until all seven are readable.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while bus.read_log(0, 100).await.unwrap().len() < 7 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log was not sealed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = url.clone();
+    let result = tokio::task::spawn_blocking({
+        let (schema, failed) = (schema.clone(), failed.clone());
+        move || {
+            let with_schema = |args: &[&str]| {
+                let mut all = vec!["--schema", schema.as_str()];
+                all.extend_from_slice(args);
+                all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+            };
+            // Every reading command, with the schema given on each.
+            let run = |args: &[&str]| {
+                let a = with_schema(args);
+                one(&store, &a.iter().map(String::as_str).collect::<Vec<_>>())
+            };
+            assert_eq!(run(&["status"])["commits"], 7);
+            assert_eq!(run(&["verify"])["intact"], true);
+            let dead = run(&["dlq", "list"]);
+            assert_eq!(dead.as_array().unwrap().len(), 2);
+            let ops = run(&["ops", "list", "-n", "7"]);
+            assert_eq!(ops[0]["operation_id"], failed[1].as_str());
+            assert_eq!(
+                run(&["ops", "show", &failed[0]])["error"]["handler"],
+                "cli-failing"
+            );
+            assert_eq!(
+                run(&["relays"]),
+                json!([{"name": "to-nats", "checkpoint": 3, "lag": 4}])
+            );
+            // Replaying works beside the running bus on PostgreSQL.
+            let id = dead[0]["delivery_id"].as_i64().unwrap();
+            let replayed = run(&["dlq", "replay", &id.to_string()]);
+            assert_eq!(replayed["replayed"], json!([id]));
+        }
+    })
+    .await;
+    // The replayed delivery runs again (and dies again, after its attempts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    if result.is_ok() {
+        loop {
+            let letters = bus
+                .dead_letters(txbus_core::DeadLetterQuery {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if letters.len() == 2
+                && letters
+                    .iter()
+                    .any(|d| d.attempts == 2 && d.failed_at_ms > 0)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replayed delivery did not run"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop_schema(&url, &schema).await;
+    result.unwrap();
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+async fn drop_schema(url: &str, schema: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
