@@ -132,6 +132,7 @@ impl Bus {
     /// Applies key–value writes atomically; a condition that fails returns
     /// [`Error::Conflict`] and writes nothing. Returns each key's new version (0 for deletes).
     pub async fn kv_write(&self, writes: Vec<KvWrite>) -> Result<Vec<u64>, Error> {
+        self.engine.accepting()?;
         crate::kv::check_writes(&writes).map_err(Error::InvalidCommit)?;
         Ok(self.engine.store.kv_write(writes).await?)
     }
@@ -177,6 +178,7 @@ impl Bus {
     /// Runs a dead letter again, from attempt 1. The operation's recorded outcome does not
     /// change: an outcome, once reported, is final.
     pub async fn replay(&self, delivery_id: i64) -> Result<(), Error> {
+        self.engine.accepting()?;
         if self.engine.store.replay(delivery_id).await? {
             self.engine.wake_claimer();
             Ok(())
@@ -204,6 +206,14 @@ impl Bus {
         Ok(chain::verify(self.engine.store.as_ref()).await?)
     }
 
+    /// Walks the log like [`Bus::verify`], reporting progress after every page of commits.
+    pub async fn verify_with_progress<F>(&self, progress: F) -> Result<VerifyReport, Error>
+    where
+        F: FnMut(chain::VerifyProgress) + Send,
+    {
+        Ok(chain::verify_with_progress(self.engine.store.as_ref(), progress).await?)
+    }
+
     /// Counts what the store holds.
     pub async fn stats(&self) -> Result<Stats, Error> {
         Ok(self.engine.store.stats().await?)
@@ -222,6 +232,7 @@ impl Bus {
     /// commits no longer create deliveries for it. Only meaningful on shared stores; on an
     /// embedded store only the handlers of the running bus are routed to anyway.
     pub async fn unsubscribe(&self, name: &str) -> Result<bool, Error> {
+        self.engine.accepting()?;
         let existed = self.engine.store.unsubscribe(name).await?;
         self.engine.refresh_routes().await?;
         Ok(existed)
@@ -471,6 +482,20 @@ impl BusBuilder {
         }
         if self.lease_ttl < Duration::from_millis(30) {
             return Err(Error::Config("lease_ttl must be at least 30 ms".into()));
+        }
+        // A zero interval would turn the claim or prune loop into a busy loop.
+        if self.poll_interval.is_zero() {
+            return Err(Error::Config("poll_interval must be above zero".into()));
+        }
+        if self.retention.interval.is_zero() {
+            return Err(Error::Config(
+                "the retention interval (Retention::interval) must be above zero".into(),
+            ));
+        }
+        if self.limits.max_payload_bytes == 0 || self.limits.max_events_per_commit == 0 {
+            return Err(Error::Config(
+                "max_payload_bytes and max_events_per_commit must be above zero".into(),
+            ));
         }
         let settings = Settings {
             limits: self.limits,

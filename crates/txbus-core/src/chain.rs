@@ -103,13 +103,39 @@ pub fn check(record: &CommitRecord, parent_chain: &Hash) -> Option<Broken> {
     None
 }
 
+/// How far a walk of the log has come, reported after each page it checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyProgress {
+    /// Commits verified so far.
+    pub verified: u64,
+    /// The position of the last commit verified (0 before the first).
+    pub position: u64,
+}
+
+/// How many commits [`verify`] reads per page, and so how often it reports progress.
+pub const VERIFY_PAGE: usize = 512;
+
 /// Walks the whole log in pages and reports the first commit that does not verify.
 pub async fn verify(store: &dyn Store) -> Result<VerifyReport, crate::store::Error> {
+    verify_with_progress(store, |_| {}).await
+}
+
+/// Walks the whole log like [`verify`], calling `progress` after every page of
+/// [`VERIFY_PAGE`] commits, so that a long walk can show how far it is (a progress bar, a log
+/// line). The callback runs between reads: keep it cheap.
+pub async fn verify_with_progress<F>(
+    store: &dyn Store,
+    mut progress: F,
+) -> Result<VerifyReport, crate::store::Error>
+where
+    F: FnMut(VerifyProgress) + Send,
+{
     let mut parent = GENESIS;
     let mut expected = 1u64;
     let mut verified = 0u64;
     loop {
-        let page = store.read_log(expected - 1, 512).await?;
+        let page = store.read_log(expected - 1, VERIFY_PAGE).await?;
         if page.is_empty() {
             return Ok(VerifyReport {
                 verified,
@@ -133,6 +159,10 @@ pub async fn verify(store: &dyn Store) -> Result<VerifyReport, crate::store::Err
             verified += 1;
             expected += 1;
         }
+        progress(VerifyProgress {
+            verified,
+            position: expected - 1,
+        });
     }
 }
 

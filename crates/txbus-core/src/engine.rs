@@ -299,6 +299,15 @@ impl Engine {
         *self.stopping.borrow()
     }
 
+    /// `Err(ShuttingDown)` once shutdown began: calls that write, or wait, stop here.
+    pub(crate) fn accepting(&self) -> Result<(), Error> {
+        if self.is_stopping() {
+            Err(Error::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Validates a commit and routes it to every subscribed handler, without writing it: for
     /// stores that write commits inside a caller's own transaction (an outbox). Nothing is
     /// leased: the deliveries are pending for whichever bus claims them.

@@ -57,7 +57,7 @@ pub mod stream;
 pub mod time;
 
 pub use bus::{Bus, BusBuilder};
-pub use chain::{Broken, VerifyReport};
+pub use chain::{Broken, VerifyProgress, VerifyReport};
 pub use commit::Commit;
 pub use conflict::Conflict;
 pub use engine::ShutdownReport;

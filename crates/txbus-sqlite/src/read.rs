@@ -152,13 +152,18 @@ pub(crate) fn log(c: &Connection, after: u64, limit: usize) -> Result<Vec<Commit
             .and_then(|rows| rows.collect())
             .map_err(sql("reading messages"))?;
         // Stored text is kept as it is, so that the hash check sees exactly what is on disk.
+        let at = |e: Error| match e {
+            Error::Corrupt(what) => Error::Corrupt(format!("commit {position}: {what}")),
+            other => other,
+        };
         let messages = raw
             .into_iter()
             .map(MessageRow::raw)
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(at)?;
         out.push(CommitRecord {
             position: u64::try_from(position).unwrap_or(0),
-            operation_id: op_id(&row.op)?,
+            operation_id: op_id(&row.op).map_err(at)?,
             kind: CommitKind::from_u8(u8::try_from(row.kind).unwrap_or(0)).ok_or_else(|| {
                 Error::Corrupt(format!("commit {position}: unknown kind {}", row.kind))
             })?,
