@@ -199,7 +199,11 @@ pub async fn operations_are_searched_and_shown_as_a_tree(h: &dyn Harness) {
     let start = crate::time::now_ms();
     let mut ids = Vec::new();
     for n in 0..7u64 {
-        let card = if n.is_multiple_of(3) { "declined" } else { "ok" };
+        let card = if n.is_multiple_of(3) {
+            "declined"
+        } else {
+            "ok"
+        };
         let op = bus
             .transact([
                 Event::new("order.placed", json!({"n": n, "card": card})),
