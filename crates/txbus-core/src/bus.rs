@@ -187,6 +187,20 @@ impl Bus {
         }
     }
 
+    /// Looks inside the store: per-handler counts, throughput, operations, dead letters.
+    pub fn inspect(&self) -> crate::Inspector {
+        crate::Inspector::new(self.clone())
+    }
+
+    /// The names of this bus's handlers.
+    pub fn handler_names(&self) -> &[String] {
+        self.engine.handler_names()
+    }
+
+    pub(crate) fn wake_claimer(&self) {
+        self.engine.wake_claimer();
+    }
+
     /// Walks the log and checks every commit's data and chain hash.
     pub async fn verify(&self) -> Result<VerifyReport, Error> {
         Ok(chain::verify(self.engine.store.as_ref()).await?)

@@ -533,6 +533,11 @@ impl Engine {
         let _ = self.queues[job.handler].send(job);
     }
 
+    /// The names of this bus's handlers.
+    pub(crate) fn handler_names(&self) -> &[String] {
+        &self.handler_names
+    }
+
     pub(crate) fn wake_claimer(&self) {
         self.claim_dirty.store(true, Ordering::Release);
         self.claim_wake.notify_one();
@@ -757,6 +762,7 @@ impl Engine {
             fence: job.fence,
             commit_id: job.commit_id,
             attempts: attempt,
+            handler: Arc::clone(&entry.name),
             result,
         };
         // Progress goes out before the ack, so it always precedes the outcome, which needs

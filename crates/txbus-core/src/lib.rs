@@ -42,6 +42,8 @@ mod engine;
 pub mod error;
 pub mod filter;
 pub mod handler;
+pub mod inspect;
+mod inspector;
 pub mod kv;
 mod limits;
 pub mod message;
@@ -64,6 +66,8 @@ pub use engine::ShutdownReport;
 pub use error::Error;
 pub use filter::On;
 pub use handler::{Handler, HandlerError, HandlerResult, Typed};
+pub use inspect::Inspect;
+pub use inspector::Inspector;
 pub use kv::{KvEntry, KvExpect, KvOp, KvWrite};
 pub use limits::Limits;
 pub use message::{

@@ -239,6 +239,8 @@ pub struct Completion {
     pub commit_id: u64,
     /// Attempts finished, including this one.
     pub attempts: u32,
+    /// The delivery's handler (the store counts finished deliveries by handler).
+    pub handler: Arc<str>,
     /// What happened.
     pub result: DeliveryResult,
 }
@@ -538,6 +540,13 @@ pub trait Store: Send + Sync + 'static {
     /// finished elsewhere). A store without a push channel returns `None` (the default), and
     /// buses rely on their poll interval instead; a single-process store needs none.
     fn notifications(&self) -> Option<Notifications> {
+        None
+    }
+
+    /// What the store answers about its contents (per-handler counts, throughput,
+    /// operations, dead letters): see [`crate::inspect`]. `None` (the default) when it cannot;
+    /// [`crate::Bus::inspect`] then answers [`crate::Error::Unsupported`].
+    fn inspect(&self) -> Option<&dyn crate::inspect::Inspect> {
         None
     }
 

@@ -223,6 +223,9 @@ CREATE TABLE {s}.kv (
 -- What pruning removes, without walking every key.
 CREATE INDEX kv_expiry ON {s}.kv (expires_at) WHERE expires_at IS NOT NULL;
 "#,
+    // Per-handler counters, per-minute buckets, and the indexes of open deliveries and of an
+    // operation's deliveries (inspection).
+    crate::inspect::MIGRATION,
 ];
 
 /// The newest schema version this build knows.

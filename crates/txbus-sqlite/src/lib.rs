@@ -18,6 +18,7 @@ mod append;
 mod claim;
 mod complete;
 mod error;
+mod inspect;
 mod kv;
 mod lock;
 mod prune;
@@ -291,8 +292,9 @@ impl Store for SqliteStore {
     }
 
     async fn replay(&self, delivery_id: i64) -> Result<bool, Error> {
-        match self.call(Op::Replay(delivery_id)).await? {
-            Out::Flag(b) => Ok(b),
+        let action = inspect::Action::Replay(vec![delivery_id]);
+        match self.call(Op::Inspect(action)).await? {
+            Out::Acted(acted) => Ok(!acted.done.is_empty()),
             _ => Err(unexpected()),
         }
     }
@@ -373,6 +375,10 @@ impl Store for SqliteStore {
         let after = after.map(str::to_owned);
         self.read(move |c| kv::scan(c, &prefix, after.as_deref(), limit, writer::now_ms()))
             .await
+    }
+
+    fn inspect(&self) -> Option<&dyn txbus_core::Inspect> {
+        Some(self)
     }
 
     async fn close(&self) -> Result<(), Error> {

@@ -92,6 +92,8 @@ CREATE TABLE kv (
 ) WITHOUT ROWID;
 CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;
 "#,
+    // Per-handler counters, per-minute buckets and the index of open deliveries (inspection).
+    crate::inspect::MIGRATION,
 ];
 
 /// The newest schema version this build knows.
