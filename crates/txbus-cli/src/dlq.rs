@@ -113,24 +113,78 @@ pub async fn show(store: &dyn Store, id: i64, out: Output) -> Result<(), Error> 
 
 /// Puts dead letters back to pending, from attempt 1.
 pub async fn replay(store: &dyn Store, ids: &[i64], out: Output) -> Result<(), Error> {
-    let mut replayed = Vec::new();
-    let mut missing = Vec::new();
-    for &id in ids {
-        if store.replay(id).await? {
-            replayed.push(id);
-        } else {
-            missing.push(id);
+    let (replayed, missing) = match store.inspect() {
+        // Through the store's inspection, which keeps its counters right.
+        Some(i) => {
+            let done = i.replay_dead_letters(ids).await?;
+            let missing = ids
+                .iter()
+                .copied()
+                .filter(|id| !done.contains(id))
+                .collect();
+            (done, missing)
         }
-    }
-    let value = json!({"replayed": replayed, "not_dead_letters": missing});
+        None => {
+            let (mut done, mut missing) = (Vec::new(), Vec::new());
+            for &id in ids {
+                if store.replay(id).await? {
+                    done.push(id);
+                } else {
+                    missing.push(id);
+                }
+            }
+            (done, missing)
+        }
+    };
+    report(
+        "replayed",
+        "pending again, from attempt 1",
+        &replayed,
+        &missing,
+        ids.len(),
+        out,
+    )
+}
+
+/// Removes dead letters for good (they stay in the log; their deliveries are gone).
+pub async fn discard(store: &dyn Store, ids: &[i64], out: Output) -> Result<(), Error> {
+    let Some(inspect) = store.inspect() else {
+        return Err(Error::Usage(
+            "this store cannot discard dead letters".into(),
+        ));
+    };
+    let done = inspect.discard_dead_letters(ids).await?;
+    let missing: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !done.contains(id))
+        .collect();
+    report(
+        "discarded",
+        "removed from the dead-letter set",
+        &done,
+        &missing,
+        ids.len(),
+        out,
+    )
+}
+
+fn report(
+    verb: &str,
+    what: &str,
+    done: &[i64],
+    missing: &[i64],
+    asked: usize,
+    out: Output,
+) -> Result<(), Error> {
+    let (replayed, missing) = (done, missing);
+    let value = json!({verb: replayed, "not_dead_letters": missing});
     out.emit(&value, || {
         let mut text = String::new();
-        for id in &replayed {
-            text.push_str(&format!(
-                "replayed delivery {id}: pending again, from attempt 1\n"
-            ));
+        for id in replayed {
+            text.push_str(&format!("{verb} delivery {id}: {what}\n"));
         }
-        for id in &missing {
+        for id in missing {
             text.push_str(&format!(
                 "delivery {id} is not a dead letter; nothing done\n"
             ));
@@ -141,9 +195,8 @@ pub async fn replay(store: &dyn Store, ids: &[i64], out: Output) -> Result<(), E
         Ok(())
     } else {
         Err(Error::NotFound(format!(
-            "{} of {} deliveries were not dead letters",
-            missing.len(),
-            ids.len()
+            "{} of {asked} deliveries were not dead letters",
+            missing.len()
         )))
     }
 }

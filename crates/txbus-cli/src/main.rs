@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Reading commands open an embedded store read-only, so they work while a service holds it;
-//! commands that change the store (`dlq replay`) need it free. Exit status: 0 done, 1 the
+//! commands that change the store (`dlq replay`, `dlq discard`) need it free. Exit status: 0 done, 1 the
 //! chain does not verify, 2 an error (said on standard error).
 #![allow(clippy::print_stderr)]
 
@@ -121,6 +121,12 @@ enum DlqCommand {
         #[arg(required = true)]
         ids: Vec<i64>,
     },
+    /// Removes dead letters for good (their messages stay in the log).
+    Discard {
+        /// Delivery ids.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +163,7 @@ async fn run(cli: Cli) -> Result<bool, Error> {
     let mut intact = true;
     let store = match &cli.command {
         Command::Dlq(DlqCommand::Replay { .. }) => location.open_to_write("dlq replay").await?,
+        Command::Dlq(DlqCommand::Discard { .. }) => location.open_to_write("dlq discard").await?,
         _ => location.open_to_read().await?,
     };
     let s = store.as_ref();
@@ -171,6 +178,7 @@ async fn run(cli: Cli) -> Result<bool, Error> {
         }) => dlq::list(s, handler, after, limit, out).await,
         Command::Dlq(DlqCommand::Show { id }) => dlq::show(s, id, out).await,
         Command::Dlq(DlqCommand::Replay { ids }) => dlq::replay(s, &ids, out).await,
+        Command::Dlq(DlqCommand::Discard { ids }) => dlq::discard(s, &ids, out).await,
         Command::Log(LogCommand::Tail { count, follow }) => log::tail(s, count, follow, out).await,
         Command::Verify { quiet } => verify::verify(s, !quiet, out).await.map(|ok| {
             intact = ok;

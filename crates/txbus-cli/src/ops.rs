@@ -104,9 +104,19 @@ pub async fn show(store: &dyn Store, id: &str, out: Output) -> Result<(), Error>
             "operation {id} is unknown here (never committed to this store, or its outcome was pruned by retention)"
         )));
     };
+    let detail = match store.inspect() {
+        Some(i) => i.operation_detail(id).await?,
+        None => None,
+    };
     let mut value = state_json(Some(&state));
     if let Some(obj) = value.as_object_mut() {
         obj.insert("operation_id".into(), json!(id.to_string()));
+        if let Some(d) = &detail {
+            obj.insert(
+                "detail".into(),
+                serde_json::to_value(d).unwrap_or(Value::Null),
+            );
+        }
     }
     out.emit(&value, || {
         let mut text = format!("operation  {id}\nstatus     {}\n", state_text(Some(&state)));
@@ -117,6 +127,27 @@ pub async fn show(store: &dyn Store, id: &str, out: Output) -> Result<(), Error>
                     "failed     event {} ({}), handler {:?}, {:?} after {} attempt(s): {}\n",
                     f.event_index, f.event_type, f.handler, f.kind, f.attempts, f.reason
                 ));
+            }
+        }
+        // The operation as a tree: its events, each handler's delivery.
+        if let Some(d) = &detail {
+            for e in &d.events {
+                text.push_str(&format!(
+                    "event {}    {} (message {})\n",
+                    e.index, e.message.event_type, e.message.id
+                ));
+                for dl in &e.deliveries {
+                    text.push_str(&format!(
+                        "  └ {:<24} {:<9} attempts {}{}\n",
+                        dl.handler,
+                        dl.status.as_str(),
+                        dl.attempts,
+                        dl.last_error
+                            .as_deref()
+                            .map(|e| format!("  last error: {}", clip(e, 80)))
+                            .unwrap_or_default()
+                    ));
+                }
             }
         }
         text

@@ -67,7 +67,12 @@ impl Location {
         match self {
             Self::Sqlite(path) => {
                 // Refuse a path that holds no store rather than create one.
-                SqliteStore::open_read_only(path)?;
+                if !path.is_file() {
+                    return Err(Error::BadStore {
+                        given: path.display().to_string(),
+                        reason: "no store file there; check the path (a store is created by the first bus that opens it)".into(),
+                    });
+                }
                 match SqliteStore::open(path) {
                     Ok(s) => Ok(Arc::new(s)),
                     Err(store::Error::Locked { path }) => Err(Error::Held { path, command }),

@@ -101,6 +101,15 @@ fn txbus_relay_key(name: &str) -> String {
 fn check_reads(store: &str, failed: &[String]) {
     let status = one(store, &["status"]);
     assert_eq!(status["commits"], 7, "{status}");
+    let handlers = status["handlers"].as_array().unwrap();
+    let failing = handlers
+        .iter()
+        .find(|h| h["handler"] == "cli-failing")
+        .unwrap();
+    assert_eq!(failing["dead"], 2, "{status}");
+    assert_eq!(failing["retried"], 2, "{status}");
+    let ok = handlers.iter().find(|h| h["handler"] == "cli-ok").unwrap();
+    assert_eq!(ok["succeeded"], 5, "{status}");
     assert_eq!(status["deliveries"]["dead"], 2, "{status}");
     assert_eq!(status["deliveries"]["succeeded"], 5, "{status}");
     assert_eq!(status["pending_operations"], 0, "{status}");
@@ -121,9 +130,13 @@ fn check_reads(store: &str, failed: &[String]) {
     assert_eq!(shown["status"], "failed");
     assert_eq!(shown["error"]["handler"], "cli-failing");
     assert_eq!(shown["error"]["kind"], "retries_exhausted", "{shown}");
+    let delivery = &shown["detail"]["events"][0]["deliveries"][0];
+    assert_eq!(delivery["handler"], "cli-failing", "{shown}");
+    assert_eq!(delivery["status"], "dead", "{shown}");
     let text = txbus(store, &["ops", "show", &failed[0]]);
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains("the printer is on fire"), "{text}");
+    assert!(text.contains("└ cli-failing"), "{text}");
 
     let dead = one(store, &["dlq", "list"]);
     let dead = dead.as_array().unwrap();
@@ -257,6 +270,13 @@ async fn sqlite_store_held_by_a_running_bus() {
     let status = one(&store, &["status"]);
     assert_eq!(status["deliveries"]["dead"], 1, "{status}");
     assert_eq!(status["deliveries"]["pending"], 1, "{status}");
+    // Discarding needs the store too: refused while a bus holds it, shown above for replay.
+    let other = one(&store, &["dlq", "list"])[0]["delivery_id"]
+        .as_i64()
+        .unwrap();
+    let discarded = one(&store, &["dlq", "discard", &other.to_string()]);
+    assert_eq!(discarded["discarded"], json!([other]));
+    assert_eq!(one(&store, &["dlq", "list"]), json!([]));
     let again = txbus(&store, &["dlq", "replay", &id]);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stdout).contains("is not a dead letter"));

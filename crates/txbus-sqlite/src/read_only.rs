@@ -19,7 +19,10 @@ use txbus_core::stream::{Direction, StreamEvent};
 use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention};
 
 use crate::error::sql;
-use crate::{kv, read, schema, stream, writer};
+use crate::{inspect, kv, read, schema, stream, writer};
+use txbus_core::inspect::{
+    HandlerCounts, HandlerMinute, OperationDetail, OperationPage, OperationQuery,
+};
 
 /// A store file opened read-only (see [`crate::SqliteStore::open_read_only`]).
 pub struct ReadOnlySqliteStore {
@@ -201,7 +204,54 @@ impl Store for ReadOnlySqliteStore {
             .await
     }
 
+    fn inspect(&self) -> Option<&dyn txbus_core::Inspect> {
+        Some(self)
+    }
+
     async fn close(&self) -> Result<(), Error> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl txbus_core::Inspect for ReadOnlySqliteStore {
+    async fn handler_counts(&self) -> Result<Vec<HandlerCounts>, Error> {
+        self.read(inspect::handler_counts).await
+    }
+
+    async fn minutes(
+        &self,
+        since_ms: i64,
+        handler: Option<&str>,
+    ) -> Result<Vec<HandlerMinute>, Error> {
+        let handler = handler.map(str::to_owned);
+        self.read(move |c| inspect::minutes(c, since_ms, handler.as_deref()))
+            .await
+    }
+
+    async fn operations(&self, query: &OperationQuery) -> Result<OperationPage, Error> {
+        let query = query.clone();
+        self.read(move |c| inspect::operations(c, &query)).await
+    }
+
+    async fn operation_detail(&self, id: OperationId) -> Result<Option<OperationDetail>, Error> {
+        self.read(move |c| inspect::operation_detail(c, id)).await
+    }
+
+    async fn dead_letter(&self, delivery_id: i64) -> Result<Option<DeadLetter>, Error> {
+        self.read(move |c| inspect::dead_letter(c, delivery_id))
+            .await
+    }
+
+    async fn replay_dead_letters(&self, _ids: &[i64]) -> Result<Vec<i64>, Error> {
+        Err(self.refused())
+    }
+
+    async fn discard_dead_letters(&self, _ids: &[i64]) -> Result<Vec<i64>, Error> {
+        Err(self.refused())
+    }
+
+    async fn head(&self) -> Result<u64, Error> {
+        self.read(inspect::head).await
     }
 }
