@@ -144,6 +144,7 @@ impl Bus {
     /// Applies key–value writes atomically; a condition that fails returns
     /// [`Error::Conflict`] and writes nothing. Returns each key's new version (0 for deletes).
     pub async fn kv_write(&self, writes: Vec<KvWrite>) -> Result<Vec<u64>, Error> {
+        self.engine.accepting()?;
         crate::kv::check_writes(&writes).map_err(Error::InvalidCommit)?;
         Ok(self.engine.store.kv_write(writes).await?)
     }
@@ -189,6 +190,7 @@ impl Bus {
     /// Runs a dead letter again, from attempt 1. The operation's recorded outcome does not
     /// change: an outcome, once reported, is final.
     pub async fn replay(&self, delivery_id: i64) -> Result<(), Error> {
+        self.engine.accepting()?;
         if self.engine.store.replay(delivery_id).await? {
             self.engine.wake_claimer();
             Ok(())
@@ -197,17 +199,36 @@ impl Bus {
         }
     }
 
+    /// Looks inside the store: per-handler counts, throughput, operations, dead letters.
+    pub fn inspect(&self) -> crate::Inspector {
+        crate::Inspector::new(self.clone())
+    }
+
+    /// The names of this bus's handlers.
+    pub fn handler_names(&self) -> &[String] {
+        self.engine.handler_names()
+    }
+
+    pub(crate) fn wake_claimer(&self) {
+        self.engine.wake_claimer();
+    }
+
     /// Walks the log and checks every commit's data and chain hash and, when the bus has keys
     /// (its own signing key, [`BusBuilder::verifying_keys`]), every signature; a bus that signs
     /// also requires the end of the log to be signed.
     pub async fn verify(&self) -> Result<VerifyReport, Error> {
-        let options = if self.keys.ring.is_empty() {
+        self.verify_with(&self.verify_options()).await
+    }
+
+    /// What [`verify`](Self::verify) checks: hashes, and signatures with the bus's key ring
+    /// (required at the end of the log when the bus signs).
+    pub fn verify_options(&self) -> VerifyOptions {
+        if self.keys.ring.is_empty() {
             VerifyOptions::hashes()
         } else {
             VerifyOptions::signatures(self.keys.ring.clone())
                 .require_signatures(self.keys.signing.is_some())
-        };
-        self.verify_with(&options).await
+        }
     }
 
     /// Walks the log and checks it as `options` say.
@@ -302,6 +323,17 @@ impl Bus {
         &self.engine.settings.limits
     }
 
+    /// Walks the log like [`Bus::verify`], reporting progress after every page of commits.
+    pub async fn verify_with_progress<F>(&self, progress: F) -> Result<VerifyReport, Error>
+    where
+        F: FnMut(chain::VerifyProgress) + Send,
+    {
+        Ok(
+            chain::verify_walk(self.engine.store.as_ref(), &self.verify_options(), progress)
+                .await?,
+        )
+    }
+
     /// Counts what the store holds.
     pub async fn stats(&self) -> Result<Stats, Error> {
         Ok(self.engine.store.stats().await?)
@@ -320,6 +352,7 @@ impl Bus {
     /// commits no longer create deliveries for it. Only meaningful on shared stores; on an
     /// embedded store only the handlers of the running bus are routed to anyway.
     pub async fn unsubscribe(&self, name: &str) -> Result<bool, Error> {
+        self.engine.accepting()?;
         let existed = self.engine.store.unsubscribe(name).await?;
         self.engine.refresh_routes().await?;
         Ok(existed)
@@ -607,6 +640,20 @@ impl BusBuilder {
         }
         if self.lease_ttl < Duration::from_millis(30) {
             return Err(Error::Config("lease_ttl must be at least 30 ms".into()));
+        }
+        // A zero interval would turn the claim or prune loop into a busy loop.
+        if self.poll_interval.is_zero() {
+            return Err(Error::Config("poll_interval must be above zero".into()));
+        }
+        if self.retention.interval.is_zero() {
+            return Err(Error::Config(
+                "the retention interval (Retention::interval) must be above zero".into(),
+            ));
+        }
+        if self.limits.max_payload_bytes == 0 || self.limits.max_events_per_commit == 0 {
+            return Err(Error::Config(
+                "max_payload_bytes and max_events_per_commit must be above zero".into(),
+            ));
         }
         if let Some(problem) = self.encryption.as_ref().and_then(|e| e.problem()) {
             return Err(Error::Config(problem.to_string()));

@@ -228,20 +228,56 @@ pub fn check_signature(record: &CommitRecord, keys: &KeyRing) -> Option<Broken> 
     }
 }
 
-/// Walks the whole log in pages and reports the first commit whose hashes do not verify.
-pub async fn verify(store: &dyn Store) -> Result<VerifyReport, crate::store::Error> {
-    verify_with(store, &VerifyOptions::hashes()).await
+/// How far a walk of the log has come, reported after each page it checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyProgress {
+    /// Commits verified so far.
+    pub verified: u64,
+    /// The position of the last commit verified (0 before the first).
+    pub position: u64,
 }
 
-/// Commits read per page by [`verify_with`].
-const VERIFY_PAGE: usize = 2048;
+/// How many commits [`verify`] reads per page, and so how often it reports progress.
+pub const VERIFY_PAGE: usize = 2048;
 
-/// Walks the whole log in pages and reports the first commit that does not verify: its data
-/// hash, its chain hash and, with a key ring, its signature.
+/// Walks the whole log in pages and reports the first commit whose hashes do not verify.
+pub async fn verify(store: &dyn Store) -> Result<VerifyReport, crate::store::Error> {
+    verify_walk(store, &VerifyOptions::hashes(), |_| {}).await
+}
+
+/// Walks the whole log like [`verify`], calling `progress` after every page of
+/// [`VERIFY_PAGE`] commits, so that a long walk can show how far it is (a progress bar, a log
+/// line). The callback runs between reads: keep it cheap.
+pub async fn verify_with_progress<F>(
+    store: &dyn Store,
+    progress: F,
+) -> Result<VerifyReport, crate::store::Error>
+where
+    F: FnMut(VerifyProgress) + Send,
+{
+    verify_walk(store, &VerifyOptions::hashes(), progress).await
+}
+
+/// Walks the whole log and reports the first commit that does not verify: its data hash, its
+/// chain hash and, with a key ring, its signature.
 pub async fn verify_with(
     store: &dyn Store,
     options: &VerifyOptions,
 ) -> Result<VerifyReport, crate::store::Error> {
+    verify_walk(store, options, |_| {}).await
+}
+
+/// The one walk behind every `verify`: hashes, signatures as `options` say, and `progress`
+/// after every page of [`VERIFY_PAGE`] commits.
+pub async fn verify_walk<F>(
+    store: &dyn Store,
+    options: &VerifyOptions,
+    mut progress: F,
+) -> Result<VerifyReport, crate::store::Error>
+where
+    F: FnMut(VerifyProgress) + Send,
+{
     let mut parent = GENESIS;
     let mut expected = 1u64;
     let mut report = VerifyReport {
@@ -284,6 +320,10 @@ pub async fn verify_with(
             report.verified += 1;
             expected += 1;
         }
+        progress(VerifyProgress {
+            verified: report.verified,
+            position: expected - 1,
+        });
     }
 }
 

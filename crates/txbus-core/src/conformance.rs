@@ -26,8 +26,10 @@ use crate::{
 };
 
 mod commits;
+mod inspect;
 mod streams;
 pub use commits::*;
+pub use inspect::*;
 pub use streams::*;
 
 /// Makes stores for the suite.
@@ -823,6 +825,7 @@ pub async fn a_late_ack_from_a_superseded_lease_counts_for_nothing(h: &dyn Harne
         fence,
         commit_id: receipt.commit_id,
         attempts: 1,
+        handler: "h".into(),
         result: DeliveryResult::Succeeded,
     };
     assert_eq!(
@@ -1099,6 +1102,24 @@ macro_rules! conformance_tests {
         async fn key_value_writes_commit_with_events_atomically() {
             let harness = $harness;
             $crate::conformance::key_value_writes_commit_with_events_atomically(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn inspection_counts_deliveries_by_handler_and_minute() {
+            let harness = $harness;
+            $crate::conformance::inspection_counts_deliveries_by_handler_and_minute(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn operations_are_searched_and_shown_as_a_tree() {
+            let harness = $harness;
+            $crate::conformance::operations_are_searched_and_shown_as_a_tree(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn dead_letters_are_inspected_replayed_in_bulk_and_discarded() {
+            let harness = $harness;
+            $crate::conformance::dead_letters_are_inspected_replayed_in_bulk_and_discarded(&harness).await;
             $crate::conformance::Harness::cleanup(&harness).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

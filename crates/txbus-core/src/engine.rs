@@ -303,6 +303,15 @@ impl Engine {
         *self.stopping.borrow()
     }
 
+    /// `Err(ShuttingDown)` once shutdown began: calls that write, or wait, stop here.
+    pub(crate) fn accepting(&self) -> Result<(), Error> {
+        if self.is_stopping() {
+            Err(Error::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Validates a commit and routes it to every subscribed handler, without writing it: for
     /// stores that write commits inside a caller's own transaction (an outbox). Nothing is
     /// leased: the deliveries are pending for whichever bus claims them.
@@ -508,6 +517,11 @@ impl Engine {
         let _ = self.queues[job.handler].send(job);
     }
 
+    /// The names of this bus's handlers.
+    pub(crate) fn handler_names(&self) -> &[String] {
+        &self.handler_names
+    }
+
     pub(crate) fn wake_claimer(&self) {
         self.claim_dirty.store(true, Ordering::Release);
         self.claim_wake.notify_one();
@@ -701,6 +715,7 @@ impl Engine {
             fence: job.fence,
             commit_id: job.commit_id,
             attempts: attempt,
+            handler: Arc::clone(&entry.name),
             result,
         };
         // Progress goes out before the ack, so it always precedes the outcome, which needs

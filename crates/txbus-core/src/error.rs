@@ -61,6 +61,9 @@ pub enum Error {
     /// No dead letter with this id.
     #[error("no dead letter with delivery id {0}")]
     UnknownDeadLetter(i64),
+    /// The store does not offer what was asked (for instance inspection); use a store that does.
+    #[error("the store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl From<store::Error> for Error {

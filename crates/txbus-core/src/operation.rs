@@ -105,6 +105,9 @@ impl OpWatch {
 #[derive(Default)]
 pub(crate) struct Watchers {
     map: Mutex<HashMap<OperationId, Weak<OpWatch>>>,
+    /// Set by [`close_all`](Self::close_all): the bus is down, and a watch made from now on
+    /// is closed at once (nothing would ever finish it, so its waiter would wait for ever).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Watchers {
@@ -119,7 +122,11 @@ impl Watchers {
             Some(w) => w,
             None => {
                 let w = Arc::new(OpWatch::default());
-                map.insert(id, Arc::downgrade(&w));
+                if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    w.close();
+                } else {
+                    map.insert(id, Arc::downgrade(&w));
+                }
                 w
             }
         };
@@ -151,11 +158,11 @@ impl Watchers {
 
     /// Wakes every waiter with "shutting down".
     pub(crate) fn close_all(&self) {
-        let all: Vec<Arc<OpWatch>> = self
-            .lock()
-            .drain()
-            .filter_map(|(_, w)| w.upgrade())
-            .collect();
+        let mut map = self.lock();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let all: Vec<Arc<OpWatch>> = map.drain().filter_map(|(_, w)| w.upgrade()).collect();
+        drop(map);
         for w in all {
             w.close();
         }

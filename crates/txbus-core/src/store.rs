@@ -232,6 +232,8 @@ pub struct Completion {
     pub commit_id: u64,
     /// Attempts finished, including this one.
     pub attempts: u32,
+    /// The delivery's handler (the store counts finished deliveries by handler).
+    pub handler: Arc<str>,
     /// What happened.
     pub result: DeliveryResult,
 }
@@ -630,6 +632,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(String, u64)>, Error> {
         let _ = (after, limit, position);
         Err(unsupported("streams_at"))
+    }
+
+    /// What the store answers about its contents (per-handler counts, throughput,
+    /// operations, dead letters): see [`crate::inspect`]. `None` (the default) when it cannot;
+    /// [`crate::Bus::inspect`] then answers [`crate::Error::Unsupported`].
+    fn inspect(&self) -> Option<&dyn crate::inspect::Inspect> {
+        None
     }
 
     /// Flushes and closes; later calls fail with [`Error::Closed`].

@@ -53,6 +53,7 @@ mod condition;
 mod context;
 mod error;
 mod history;
+mod inspect;
 mod kv;
 mod notify;
 mod outbox;
@@ -395,8 +396,9 @@ impl Store for PostgresStore {
     }
 
     async fn replay(&self, delivery_id: i64) -> Result<bool, Error> {
-        match self.call(Op::Replay(delivery_id)).await? {
-            Out::Flag(b) => Ok(b),
+        let action = inspect::Action::Replay(vec![delivery_id]);
+        match self.call(Op::Inspect(action)).await? {
+            Out::Acted(acted) => Ok(!acted.done.is_empty()),
             _ => Err(unexpected()),
         }
     }
@@ -573,6 +575,10 @@ impl Store for PostgresStore {
             None => broadcast::channel(1).1,
         };
         Some(notify::stream(rx))
+    }
+
+    fn inspect(&self) -> Option<&dyn txbus_core::Inspect> {
+        Some(self)
     }
 
     async fn close(&self) -> Result<(), Error> {

@@ -223,6 +223,9 @@ CREATE TABLE {s}.kv (
 -- What pruning removes, without walking every key.
 CREATE INDEX kv_expiry ON {s}.kv (expires_at) WHERE expires_at IS NOT NULL;
 "#,
+    // Per-handler counters, per-minute buckets, and the indexes of open deliveries and of an
+    // operation's deliveries (inspection).
+    crate::inspect::MIGRATION,
     // The key-value writes of each commit, kept with it in the log (its data hash covers them),
     // by key then commit so that a key's past values are found by key; and the signatures of
     // the chain, one per sealing round when the sealer signs.

@@ -21,6 +21,7 @@ mod commit_meta;
 mod complete;
 mod error;
 mod history;
+mod inspect;
 mod kv;
 mod lock;
 mod prune;
@@ -290,8 +291,9 @@ impl Store for SqliteStore {
     }
 
     async fn replay(&self, delivery_id: i64) -> Result<bool, Error> {
-        match self.call(Op::Replay(delivery_id)).await? {
-            Out::Flag(b) => Ok(b),
+        let action = inspect::Action::Replay(vec![delivery_id]);
+        match self.call(Op::Inspect(action)).await? {
+            Out::Acted(acted) => Ok(!acted.done.is_empty()),
             _ => Err(unexpected()),
         }
     }
@@ -436,6 +438,10 @@ impl Store for SqliteStore {
         let after = after.map(str::to_owned);
         self.read(move |c| history::streams_at(c, after.as_deref(), limit, position))
             .await
+    }
+
+    fn inspect(&self) -> Option<&dyn txbus_core::Inspect> {
+        Some(self)
     }
 
     async fn close(&self) -> Result<(), Error> {

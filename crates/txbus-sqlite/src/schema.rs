@@ -92,6 +92,8 @@ CREATE TABLE kv (
 ) WITHOUT ROWID;
 CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;
 "#,
+    // Per-handler counters, per-minute buckets and the index of open deliveries (inspection).
+    crate::inspect::MIGRATION,
     // The key-value writes of each commit, kept with it in the log (its data hash covers them),
     // by key then position so that a key's value at any position is one seek; and the
     // signatures of the chain, one per group commit when the bus signs.

@@ -29,7 +29,7 @@ pub(crate) enum Op {
     },
     Heartbeat(OwnerId),
     Release(OwnerId),
-    Replay(i64),
+    Inspect(crate::inspect::Action),
     Prune {
         bounds: Bounds,
         failed: Keep,
@@ -43,8 +43,8 @@ pub(crate) enum Out {
     Complete(Vec<CompletionEffect>),
     Claim(Vec<ClaimedDelivery>),
     Count(u64),
-    Flag(bool),
     Prune(Step),
+    Acted(crate::inspect::Acted),
     Versions(Vec<u64>),
     Unit,
 }
@@ -259,23 +259,14 @@ impl Writer {
                     .map_err(sql("forgetting an owner"))?;
                     Out::Count(n as u64)
                 }
-                Op::Replay(id) => {
-                    let n = tx
-                        .execute(
-                            "UPDATE deliveries SET status = 0, attempts = 0, owner = NULL, next_at = ?2,
-                                 last_error = NULL, updated_at = ?2
-                             WHERE id = ?1 AND status = 4",
-                            params![id, now],
-                        )
-                        .map_err(sql("replaying a dead letter"))?;
-                    Out::Flag(n == 1)
-                }
+                Op::Inspect(action) => Out::Acted(crate::inspect::act(&tx, action, now)?),
                 Op::Prune { bounds, failed } => {
                     Out::Prune(prune::step(&tx, &mut state, bounds, failed, now)?)
                 }
             };
             outs.push(Ok(out));
         }
+        crate::inspect::record_batch(&tx, batch, &outs, now)?;
         let appended = state.position != self.state.position;
         crate::commit_meta::sign_last(&tx, &self.signer, appended, state.position, &state.chain)?;
         tx.commit().map_err(sql("committing"))?;

@@ -172,3 +172,30 @@ async fn a_newer_schema_is_refused() {
         Ok(_) => panic!("a newer schema must be refused"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_progress_after_each_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(dir.path().join("s.db")).unwrap());
+    let total = 2 * chain::VERIFY_PAGE as u64 + 100;
+    let appends = (1..=total).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(commit(n, None)).await.unwrap() })
+    });
+    for append in appends.collect::<Vec<_>>() {
+        append.await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let report =
+        chain::verify_with_progress(store.as_ref(), |p| seen.push((p.verified, p.position)))
+            .await
+            .unwrap();
+    assert!(report.is_intact());
+    assert_eq!(report.verified, total);
+    let page = chain::VERIFY_PAGE as u64;
+    assert_eq!(
+        seen,
+        vec![(page, page), (2 * page, 2 * page), (total, total)]
+    );
+    store.close().await.unwrap();
+}
