@@ -356,13 +356,13 @@ mod tests {
 
     /// A commit's content in a comparable form: events in order, streams (as id, expectation
     /// and message ids), key writes by key.
-    fn shape(
-        c: &Commit,
-    ) -> (
+    type Shape = (
         Vec<String>,
         Vec<(String, ExpectedVersion, Vec<MessageId>)>,
         Vec<KvWrite>,
-    ) {
+    );
+
+    fn shape(c: &Commit) -> Shape {
         let events = c
             .events
             .iter()

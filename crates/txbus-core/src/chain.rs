@@ -375,7 +375,7 @@ mod tests {
             CommitKind::Transact,
             1,
             [msg("{\"x\":1}")],
-            &[put.clone()],
+            std::slice::from_ref(&put),
         );
         assert_ne!(a, with_kv);
         let other_value = KvWrite::put("k", b"w".to_vec());

@@ -9,6 +9,9 @@ use crate::error::db;
 use crate::row::{signed, unsigned};
 use crate::schema::Schema;
 
+/// A kept key write: its operation, value, position and expiry.
+type PastRow = (i16, Option<Vec<u8>>, i64, Option<i64>);
+
 /// The value `key` held just after the commit at `position`.
 pub(crate) async fn kv_at(
     pool: &PgPool,
@@ -16,7 +19,7 @@ pub(crate) async fn kv_at(
     key: &str,
     position: u64,
 ) -> Result<Option<KvVersion>, Error> {
-    let row: Option<(i16, Option<Vec<u8>>, i64, Option<i64>)> = sqlx::query_as(&schema.sql(
+    let row: Option<PastRow> = sqlx::query_as(&schema.sql(
         "SELECT k.op, k.value, c.position, k.expires_at
          FROM {s}.commit_kv k JOIN {s}.commits c ON c.id = k.commit_id
          WHERE k.key = $1 AND c.position <= $2

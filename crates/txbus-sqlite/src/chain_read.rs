@@ -1,6 +1,7 @@
 //! The streaming read `verify` walks the log with: commits and their messages in one ordered
 //! scan, stored text kept as it is and not parsed (the hashes cover the text).
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection};
 use txbus_core::chain::Hash;
 use txbus_core::store::{CommitKind, CommitRecord, Error};
@@ -14,19 +15,16 @@ fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
         .map_err(|_| Error::Corrupt(format!("commit {position}: a hash is not 32 bytes")))
 }
 
-type Row = (
-    i64,
-    Vec<u8>,
-    i64,
-    i64,
-    Vec<u8>,
-    Vec<u8>,
-    Option<Vec<u8>>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// A text column as it is stored: text that is not UTF-8 (a damaged file) is read lossily, so
+/// that it fails the hash check of its commit instead of the whole read.
+fn text(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
+    Ok(match r.get_ref(i)? {
+        ValueRef::Null => None,
+        ValueRef::Text(b) | ValueRef::Blob(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        ValueRef::Integer(n) => Some(n.to_string()),
+        ValueRef::Real(x) => Some(x.to_string()),
+    })
+}
 
 /// Up to `limit` commits after `after`, for hashing: payloads and headers are left unparsed
 /// (`payload` null, `headers` empty); `payload_json` and `headers_json` hold the stored text.
@@ -47,21 +45,18 @@ pub(crate) fn read(c: &Connection, after: u64, limit: usize) -> Result<Vec<Commi
         .map_err(sql("reading the chain"))?;
     let mut out: Vec<CommitRecord> = Vec::new();
     while let Some(r) = rows.next().map_err(sql("reading the chain"))? {
-        let row: Row = (
-            r.get(0).map_err(sql("reading the chain"))?,
-            r.get(1).map_err(sql("reading the chain"))?,
-            r.get(2).map_err(sql("reading the chain"))?,
-            r.get(3).map_err(sql("reading the chain"))?,
-            r.get(4).map_err(sql("reading the chain"))?,
-            r.get(5).map_err(sql("reading the chain"))?,
-            r.get(6).map_err(sql("reading the chain"))?,
-            r.get(7).map_err(sql("reading the chain"))?,
-            r.get(8).map_err(sql("reading the chain"))?,
-            r.get(9).map_err(sql("reading the chain"))?,
-            r.get(10).map_err(sql("reading the chain"))?,
-        );
-        let (position, op, kind, created_at, data, chain, id, event_type, module, payload, headers) =
-            row;
+        let get = sql("reading the chain");
+        let position: i64 = r.get(0).map_err(&get)?;
+        let op: Vec<u8> = r.get(1).map_err(&get)?;
+        let kind: i64 = r.get(2).map_err(&get)?;
+        let created_at: i64 = r.get(3).map_err(&get)?;
+        let data: Vec<u8> = r.get(4).map_err(&get)?;
+        let chain: Vec<u8> = r.get(5).map_err(&get)?;
+        let id: Option<Vec<u8>> = r.get(6).map_err(&get)?;
+        let event_type = text(r, 7).map_err(&get)?;
+        let module = text(r, 8).map_err(&get)?;
+        let payload = text(r, 9).map_err(&get)?;
+        let headers = text(r, 10).map_err(&get)?;
         let pos = u64::try_from(position).unwrap_or(0);
         if out.last().is_none_or(|c| c.position != pos) {
             out.push(CommitRecord {

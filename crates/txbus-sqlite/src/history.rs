@@ -11,9 +11,12 @@ fn signed(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A kept key write: its operation, value, position and expiry.
+type PastRow = (i64, Option<Vec<u8>>, i64, Option<i64>);
+
 /// The value `key` held just after the commit at `position`.
 pub(crate) fn kv_at(c: &Connection, key: &str, position: u64) -> Result<Option<KvVersion>, Error> {
-    let row: Option<(i64, Option<Vec<u8>>, i64, Option<i64>)> = c
+    let row: Option<PastRow> = c
         .prepare_cached(
             "SELECT op, value, position, expires_at FROM commit_kv
              WHERE key = ?1 AND position <= ?2 ORDER BY position DESC LIMIT 1",

@@ -157,7 +157,7 @@ async fn one_signature_per_group_commit_vouches_for_every_commit_in_it() {
     let log = bus.read_log(0, 1000).await.unwrap();
     assert_eq!(log.len(), 200);
     let signed = log.iter().filter(|c| c.signature.is_some()).count();
-    assert!(signed >= 1 && signed <= 200);
+    assert!((1..=200).contains(&signed));
     assert!(log.last().unwrap().signature.is_some());
     let report = bus.verify().await.unwrap();
     assert!(report.is_intact(), "{report:?}");

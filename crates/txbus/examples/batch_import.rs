@@ -9,7 +9,12 @@
 //! `run` prints `ready`, then `progress <done>/<total>` as chunks commit, then `finished`;
 //! `check` prints one JSON line: rows found in the log, distinct rows, the first missing row,
 //! duplicates, and whether the chain verifies.
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 use std::collections::BTreeSet;
 use std::io::Write;
