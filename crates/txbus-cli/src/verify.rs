@@ -36,20 +36,16 @@ pub async fn verify(store: &dyn Store, progress: bool, out: Output) -> Result<bo
     bar.finish_and_clear();
     let report = report?;
     let broken = report.first_broken.as_ref().map(|(position, why)| {
-        let (kind, text) = match why {
-            Broken::DataMismatch => (
-                "data_mismatch",
-                "its content does not match its data hash: the commit was edited".to_owned(),
-            ),
-            Broken::ChainMismatch => (
-                "chain_mismatch",
-                "its chain hash does not match: a commit before it was removed, reordered or re-hashed".to_owned(),
-            ),
-            Broken::Gap { expected } => (
-                "gap",
-                format!("the log jumps past position {expected}: commits are missing"),
-            ),
+        let kind = match why {
+            Broken::DataMismatch => "data_mismatch",
+            Broken::ChainMismatch => "chain_mismatch",
+            Broken::Gap { .. } => "gap",
+            Broken::BadSignature { .. } => "bad_signature",
+            Broken::UnknownKey { .. } => "unknown_key",
+            Broken::Unsigned => "unsigned",
+            _ => "broken",
         };
+        let text = why.to_string();
         (*position, kind, text)
     });
     let value = json!({

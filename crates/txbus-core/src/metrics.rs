@@ -8,7 +8,7 @@
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
-//! | `txbus_commits_total` | counter | `kind` (`transact`, `publish`) | commits made durable by this process |
+//! | `txbus_commits_total` | counter | `kind` (`transact`, `publish`, `system`, `batch`) | commits made durable by this process |
 //! | `txbus_commit_duration_seconds` | histogram | `kind` | validation, routing and the durable append of one commit |
 //! | `txbus_deliveries_total` | counter | `handler`, `outcome` (`succeeded`, `retried`, `rejected`, `dead`, `stale`) | attempts recorded, by what came of them |
 //! | `txbus_attempt_duration_seconds` | histogram | `handler` | how long one handler attempt ran |
@@ -193,8 +193,8 @@ impl HandlerMetrics {
 
 /// The handles of one bus's engine, registered when it is built.
 pub(crate) struct EngineMetrics {
-    commits: [Counter; 2],
-    commit_duration: [Histogram; 2],
+    commits: [Counter; 4],
+    commit_duration: [Histogram; 4],
     operations_succeeded: Counter,
     operations_failed: Counter,
     handlers: Vec<HandlerMetrics>,
@@ -206,10 +206,14 @@ impl EngineMetrics {
             commits: [
                 counter!(names::COMMITS, "kind" => "transact"),
                 counter!(names::COMMITS, "kind" => "publish"),
+                counter!(names::COMMITS, "kind" => "system"),
+                counter!(names::COMMITS, "kind" => "batch"),
             ],
             commit_duration: [
                 histogram!(names::COMMIT_DURATION, "kind" => "transact"),
                 histogram!(names::COMMIT_DURATION, "kind" => "publish"),
+                histogram!(names::COMMIT_DURATION, "kind" => "system"),
+                histogram!(names::COMMIT_DURATION, "kind" => "batch"),
             ],
             operations_succeeded: counter!(names::OPERATIONS_FINISHED, "result" => "succeeded"),
             operations_failed: counter!(names::OPERATIONS_FINISHED, "result" => "failed"),
@@ -221,6 +225,8 @@ impl EngineMetrics {
         match kind {
             CommitKind::Transact => 0,
             CommitKind::Publish => 1,
+            CommitKind::System => 2,
+            CommitKind::Batch => 3,
         }
     }
 
