@@ -112,7 +112,11 @@ async fn a_full_disk_fails_transact_cleanly_and_the_bus_recovers_when_space_retu
                 assert_eq!(commits(&bus).await, before + 1);
             }
             Err(e) => {
-                assert_eq!(commits(&bus).await, before, "a refused commit wrote something");
+                assert_eq!(
+                    commits(&bus).await,
+                    before,
+                    "a refused commit wrote something"
+                );
                 refused.push(e);
                 if refused.len() == 5 {
                     break;
