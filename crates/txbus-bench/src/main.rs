@@ -20,6 +20,10 @@
 //!
 //! CQRS (`txbus-cqrs`): `command` (a command through the command bus to an aggregate
 //! repository) and `query-cached` (query cache hits), and `cqrs` for both.
+//!
+//! The Tx/Commit model: `transact-signed` (beside unsigned `transact`), `verify` (an unsigned
+//! and a signed log beside a raw read of the same rows), `state-at` (the state 100 000 commits
+//! back), and `commits` for the three.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -27,6 +31,7 @@
     clippy::expect_used
 )]
 
+mod commits;
 mod cqrs;
 mod es;
 mod raw_postgres;
@@ -145,6 +150,13 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if let Some(result) = rt.block_on(commits::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
     if let Some(result) = rt.block_on(saga::run(&args)) {
         if let Err(e) = result {

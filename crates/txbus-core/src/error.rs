@@ -54,9 +54,16 @@ pub enum Error {
         "unknown operation {0}: never committed here, or its outcome was removed by retention"
     )]
     UnknownOperation(OperationId),
+    /// What the call works on (a session, a batch's checkpoint) was changed by someone else
+    /// since it was read; nothing was written. Open it again.
+    #[error("{0}; nothing was written")]
+    ChangedElsewhere(String),
     /// No dead letter with this id.
     #[error("no dead letter with delivery id {0}")]
     UnknownDeadLetter(i64),
+    /// The store does not offer what was asked (for instance inspection); use a store that does.
+    #[error("the store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl From<store::Error> for Error {

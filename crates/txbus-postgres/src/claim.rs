@@ -184,6 +184,8 @@ pub(crate) async fn claim(
         let done = fail_operations(&mut tx, schema, &commits, &errors, now).await?;
         let ops: Vec<String> = done.iter().map(|(_, op)| op.to_string()).collect();
         crate::notify::finished(&mut tx, schema, &ops).await?;
+        let handlers: Vec<&str> = unreadable.iter().map(|(_, f)| f.handler.as_str()).collect();
+        crate::inspect::died(&mut tx, schema, &handlers, now).await?;
     }
     tx.commit().await.map_err(db("committing a claim"))?;
     Ok(claimed)

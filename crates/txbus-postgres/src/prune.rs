@@ -8,6 +8,7 @@
 //! outcomes) and skips rows another transaction holds.
 
 use sqlx::{PgConnection, PgPool};
+use txbus_core::inspect::Tally;
 use txbus_core::store::Error;
 use txbus_core::{PruneReport, Retention};
 
@@ -38,9 +39,11 @@ pub(crate) struct Bounds {
 }
 
 /// One step's result.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Step {
     pub(crate) report: PruneReport,
+    /// The dead letters it removed, for the counters.
+    pub(crate) tally: Tally,
     /// True when a statement removed a full chunk: call again.
     pub(crate) more: bool,
 }
@@ -141,31 +144,27 @@ pub(crate) async fn step(
         "pruning succeeded deliveries by age",
     )
     .await?;
+    let mut tally = Tally::new();
     if let Some((at, id)) = b.failed_upto {
-        removed[2] = chunk(
-            conn,
-            &schema.sql(
-                "DELETE FROM {s}.deliveries WHERE id IN (
-                     SELECT id FROM {s}.deliveries
-                     WHERE status >= 3 AND (updated_at, id) <= ($1, $2)
-                     LIMIT $3 FOR UPDATE SKIP LOCKED)",
-            ),
-            (at, Some(id)),
-            "pruning failed deliveries by count",
-        )
-        .await?;
-    }
-    removed[3] = chunk(
-        conn,
-        &schema.sql(
+        let sql = schema.sql(
             "DELETE FROM {s}.deliveries WHERE id IN (
-                 SELECT id FROM {s}.deliveries WHERE status >= 3 AND updated_at < $1
-                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        ),
-        (b.failed_before, None),
-        "pruning failed deliveries by age",
-    )
-    .await?;
+                 SELECT id FROM {s}.deliveries
+                 WHERE status >= 3 AND (updated_at, id) <= ($1, $2)
+                 LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING handler, status",
+        );
+        let q = sqlx::query_as(&sql).bind(at).bind(id).bind(CHUNK);
+        removed[2] =
+            failed_chunk(conn, q, &mut tally, "pruning failed deliveries by count").await?;
+    }
+    let sql = schema.sql(
+        "DELETE FROM {s}.deliveries WHERE id IN (
+             SELECT id FROM {s}.deliveries WHERE status >= 3 AND updated_at < $1
+             LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING handler, status",
+    );
+    let q = sqlx::query_as(&sql).bind(b.failed_before).bind(CHUNK);
+    removed[3] = failed_chunk(conn, q, &mut tally, "pruning failed deliveries by age").await?;
     if let Some(upto) = b.outcomes_upto {
         removed[4] = chunk(
             conn,
@@ -211,6 +210,27 @@ pub(crate) async fn step(
             outcomes: removed[4] + removed[5],
             expired_keys: removed[6],
         },
+        tally,
         more: removed.iter().any(|&n| n >= full),
     })
+}
+
+type FailedRows<'q> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, (String, i16), sqlx::postgres::PgArguments>;
+
+/// Runs a delete of failed deliveries that returns their handler and status; counts the dead
+/// letters among them in `tally`. Returns how many rows it removed.
+async fn failed_chunk(
+    conn: &mut PgConnection,
+    q: FailedRows<'_>,
+    tally: &mut Tally,
+    doing: &'static str,
+) -> Result<u64, Error> {
+    let rows = q.fetch_all(&mut *conn).await.map_err(db(doing))?;
+    for (handler, status) in &rows {
+        if *status == crate::schema::status::DEAD {
+            tally.dead_removed(handler, 1);
+        }
+    }
+    Ok(rows.len() as u64)
 }

@@ -39,7 +39,14 @@ pub(crate) async fn operation(
     )
 }
 
-fn dead_letter(r: &PgRow) -> Result<DeadLetter, sqlx::Error> {
+/// The columns a dead letter is read from, for `FROM deliveries d JOIN messages m JOIN
+/// commits c` (see [`dead_letter`]).
+pub(crate) const DEAD_LETTER_COLUMNS: &str =
+    "d.id, c.op_id, d.commit_id, d.idx, d.handler, d.attempts, d.last_error,
+     d.updated_at, m.id, m.event_type, m.module, m.payload, m.headers";
+
+/// Reads the [`DEAD_LETTER_COLUMNS`] of a row.
+pub(crate) fn dead_letter(r: &PgRow) -> Result<DeadLetter, sqlx::Error> {
     let op: PgUuid = r.try_get(1)?;
     Ok(DeadLetter {
         delivery_id: r.try_get(0)?,
@@ -60,15 +67,14 @@ pub(crate) async fn dead_letters(
     q: &DeadLetterQuery,
 ) -> Result<Vec<DeadLetter>, Error> {
     let limit = i64::try_from(q.limit.clamp(1, 1000)).unwrap_or(1000);
-    let rows: Vec<PgRow> = sqlx::query(&schema.sql(
-        "SELECT d.id, c.op_id, d.commit_id, d.idx, d.handler, d.attempts, d.last_error,
-                d.updated_at, m.id, m.event_type, m.module, m.payload, m.headers
-         FROM {s}.deliveries d
-         JOIN {s}.messages m ON m.commit_id = d.commit_id AND m.idx = d.idx
-         JOIN {s}.commits c ON c.id = d.commit_id
+    let rows: Vec<PgRow> = sqlx::query(&schema.sql(&format!(
+        "SELECT {DEAD_LETTER_COLUMNS}
+         FROM {{s}}.deliveries d
+         JOIN {{s}}.messages m ON m.commit_id = d.commit_id AND m.idx = d.idx
+         JOIN {{s}}.commits c ON c.id = d.commit_id
          WHERE d.status = $1 AND d.id > $2 AND ($3::TEXT IS NULL OR d.handler = $3)
-         ORDER BY d.id LIMIT $4",
-    ))
+         ORDER BY d.id LIMIT $4"
+    )))
     .bind(status::DEAD)
     .bind(q.after_id.unwrap_or(0))
     .bind(q.handler.as_deref())
@@ -81,7 +87,7 @@ pub(crate) async fn dead_letters(
         .collect()
 }
 
-fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
+pub(crate) fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
     v.try_into()
         .map_err(|_| Error::Corrupt(format!("commit {position}: a hash is not 32 bytes")))
 }
@@ -127,7 +133,8 @@ pub(crate) async fn log(
             .raw();
         messages.entry(commit).or_default().push(message);
     }
-    rows.into_iter()
+    let mut records = rows
+        .into_iter()
         .map(|(id, position, op, k, created_at, data, chain)| {
             let chain = chain.ok_or_else(|| {
                 Error::Corrupt(format!("commit {position}: sealed without a chain hash"))
@@ -140,9 +147,13 @@ pub(crate) async fn log(
                 messages: messages.remove(&id).unwrap_or_default(),
                 data_hash: hash(data, position)?,
                 chain_hash: hash(chain, position)?,
+                kv: Vec::new(),
+                signature: None,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, Error>>()?;
+    crate::commit_meta::attach(&mut conn, schema, &ids, &mut records).await?;
+    Ok(records)
 }
 
 pub(crate) async fn stats(pool: &PgPool, schema: &Schema) -> Result<Stats, Error> {

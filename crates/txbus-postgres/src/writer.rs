@@ -39,7 +39,7 @@ pub(crate) enum Op {
     Complete(Vec<Completion>),
     Heartbeat(OwnerId),
     Release(OwnerId),
-    Replay(i64),
+    Inspect(crate::inspect::Action),
     Prune(Bounds),
 }
 
@@ -52,8 +52,8 @@ pub(crate) enum Out {
     Conflict(Conflict),
     Complete(Vec<CompletionEffect>),
     Count(u64),
-    Flag(bool),
     Prune(Step),
+    Acted(crate::inspect::Acted),
     Unit,
 }
 
@@ -366,20 +366,10 @@ async fn apply(
                 work |= n > 0;
                 Out::Count(n)
             }
-            Op::Replay(id) => {
-                let n = sqlx::query(&schema.sql(
-                    "UPDATE {s}.deliveries SET status = 0, attempts = 0, owner = NULL,
-                         next_at = $2, last_error = NULL, updated_at = $2
-                     WHERE id = $1 AND status = 4",
-                ))
-                .bind(*id)
-                .bind(now)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("replaying a dead letter"))?
-                .rows_affected();
-                work |= n == 1;
-                Out::Flag(n == 1)
+            Op::Inspect(action) => {
+                let acted = crate::inspect::act(conn, schema, action, now).await?;
+                work |= acted.work;
+                Out::Acted(acted)
             }
             Op::Prune(bounds) => Out::Prune(prune::step(conn, schema, bounds).await?),
             Op::Append(..) | Op::Kv(_) | Op::Complete(_) | Op::Heartbeat(_) => continue,
@@ -387,6 +377,7 @@ async fn apply(
         outs[i] = Some(out);
     }
 
+    crate::inspect::record_batch(conn, schema, batch, &outs, now).await?;
     if work {
         crate::notify::work(conn, schema).await?;
     }

@@ -76,6 +76,7 @@ async fn lanes_sealer_and_listener_survive_the_loss_of_every_connection() {
             fence: last.fence,
             commit_id: last.commit_id,
             attempts: 1,
+            handler: last.handler.as_str().into(),
             result: DeliveryResult::Succeeded,
         }])
         .await
@@ -280,6 +281,7 @@ async fn the_store_comes_back_after_the_server_was_unreachable() {
             fence: c.fence,
             commit_id: c.commit_id,
             attempts: 1,
+            handler: c.handler.as_str().into(),
             result: DeliveryResult::Succeeded,
         }])
         .await

@@ -91,6 +91,7 @@ async fn rehash_commit(conn: &mut sqlx::PgConnection, schema: &str, position: i6
             payload_json: &payload,
             headers_json: &headers,
         }],
+        &[],
     )
 }
 
@@ -227,7 +228,7 @@ async fn processes_starting_together_migrate_once() {
     .unwrap();
     assert_eq!(
         versions,
-        vec![1, 2, 3],
+        vec![1, 2, 3, 4, 5],
         "every migration applied exactly once"
     );
     conn.close().await.unwrap();
@@ -285,6 +286,7 @@ async fn release_replay_and_dead_letters() {
         fence: 1,
         commit_id: receipts[0].commit_id,
         attempts: 1,
+        handler: "h".into(),
         result: DeliveryResult::Succeeded,
     };
     assert_eq!(
@@ -304,6 +306,7 @@ async fn release_replay_and_dead_letters() {
         fence: c.fence,
         commit_id: c.commit_id,
         attempts: 3,
+        handler: c.handler.as_str().into(),
         result: DeliveryResult::Failed {
             failure: txbus_core::Failure {
                 event_index: 0,

@@ -144,6 +144,7 @@ pub(crate) fn claim(
                     params![id, reason, now],
                 )
                 .map_err(sql("dead-lettering an unreadable message"))?;
+                crate::inspect::died(tx, &handler, now)?;
                 let failure = Failure {
                     event_index: u32::try_from(idx).unwrap_or(u32::MAX),
                     event_type: String::new(),

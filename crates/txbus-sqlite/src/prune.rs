@@ -8,6 +8,7 @@
 //! their bounds are exact by finish time.
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use txbus_core::inspect::Tally;
 use txbus_core::store::Error;
 use txbus_core::{Keep, PruneReport, Retention};
 
@@ -26,6 +27,8 @@ pub(crate) struct Bounds {
 /// One pruning step's result.
 pub(crate) struct Step {
     pub(crate) report: PruneReport,
+    /// The dead letters it removed, for the counters.
+    pub(crate) tally: Tally,
     /// True when the bounds are not reached yet: call again.
     pub(crate) more: bool,
 }
@@ -156,26 +159,56 @@ pub(crate) fn step(
         more |= end < bounds.outcomes_below;
     }
     let keep = i64::try_from(failed.max_count).unwrap_or(i64::MAX);
-    let by_count = tx
-        .prepare_cached(
-            "DELETE FROM deliveries WHERE id IN (
-                 SELECT id FROM deliveries WHERE status >= 3
-                 ORDER BY updated_at DESC, id DESC LIMIT ?2 OFFSET ?1)",
-        )
-        .and_then(|mut s| s.execute(params![keep, SPAN]))
-        .map_err(sql("pruning failed deliveries by count"))?;
-    let by_age = tx
-        .prepare_cached(
-            "DELETE FROM deliveries WHERE id IN (
-                 SELECT id FROM deliveries WHERE status >= 3 AND updated_at < ?1 LIMIT ?2)",
-        )
-        .and_then(|mut s| s.execute(params![now - ms(failed.max_age), SPAN]))
-        .map_err(sql("pruning failed deliveries by age"))?;
+    let mut tally = Tally::new();
+    let by_count = delete_failed(
+        tx,
+        "DELETE FROM deliveries WHERE id IN (
+             SELECT id FROM deliveries WHERE status >= 3
+             ORDER BY updated_at DESC, id DESC LIMIT ?2 OFFSET ?1)
+         RETURNING handler, status",
+        params![keep, SPAN],
+        &mut tally,
+    )
+    .map_err(sql("pruning failed deliveries by count"))?;
+    let by_age = delete_failed(
+        tx,
+        "DELETE FROM deliveries WHERE id IN (
+             SELECT id FROM deliveries WHERE status >= 3 AND updated_at < ?1 LIMIT ?2)
+         RETURNING handler, status",
+        params![now - ms(failed.max_age), SPAN],
+        &mut tally,
+    )
+    .map_err(sql("pruning failed deliveries by age"))?;
     report.failed = (by_count + by_age) as u64;
     more |= by_count as i64 == SPAN || by_age as i64 == SPAN;
     report.expired_keys = crate::kv::prune_expired(tx, now, SPAN)?;
     more |= report.expired_keys as i64 == SPAN;
-    Ok(Step { report, more })
+    Ok(Step {
+        report,
+        tally,
+        more,
+    })
+}
+
+/// Runs a delete of failed deliveries that returns their handler and status; counts the dead
+/// letters among them in `tally`. Returns how many rows it removed.
+fn delete_failed(
+    tx: &Transaction<'_>,
+    q: &str,
+    p: impl rusqlite::Params,
+    tally: &mut Tally,
+) -> rusqlite::Result<usize> {
+    let mut stmt = tx.prepare_cached(q)?;
+    let mut rows = stmt.query(p)?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        n += 1;
+        let (handler, status): (String, i64) = (r.get(0)?, r.get(1)?);
+        if status == crate::schema::status::DEAD {
+            tally.dead_removed(&handler, 1);
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -26,7 +26,13 @@ pub(crate) fn operation(c: &Connection, id: OperationId) -> Result<Option<Operat
     operation_state(id, st, remaining, error.as_deref(), finished_at)
 }
 
-struct DeadRow {
+/// The columns a dead letter is read from, for `FROM deliveries d JOIN messages m JOIN
+/// commits c` (see [`dead_row`]).
+pub(crate) const DEAD_LETTER_COLUMNS: &str =
+    "d.id, c.op_id, d.position, d.idx, d.handler, d.attempts, d.last_error, d.updated_at,
+     m.id, m.event_type, m.module, m.payload, m.headers";
+
+pub(crate) struct DeadRow {
     id: i64,
     op: Vec<u8>,
     position: i64,
@@ -38,56 +44,66 @@ struct DeadRow {
     message: MessageRow,
 }
 
+/// Reads the [`DEAD_LETTER_COLUMNS`] of a row.
+pub(crate) fn dead_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadRow> {
+    Ok(DeadRow {
+        id: r.get(0)?,
+        op: r.get(1)?,
+        position: r.get(2)?,
+        idx: r.get(3)?,
+        handler: r.get(4)?,
+        attempts: r.get(5)?,
+        error: r.get(6)?,
+        at: r.get(7)?,
+        message: MessageRow::read(r, 8)?,
+    })
+}
+
+impl DeadRow {
+    pub(crate) fn into_dead_letter(self) -> Result<DeadLetter, Error> {
+        Ok(DeadLetter {
+            delivery_id: self.id,
+            operation_id: op_id(&self.op)?,
+            commit_id: u64::try_from(self.position).unwrap_or(0),
+            message_index: u32::try_from(self.idx).unwrap_or(0),
+            handler: self.handler,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            error: self.error.unwrap_or_default(),
+            failed_at_ms: self.at,
+            message: self.message.raw()?,
+        })
+    }
+}
+
 pub(crate) fn dead_letters(c: &Connection, q: &DeadLetterQuery) -> Result<Vec<DeadLetter>, Error> {
     let limit = q.limit.clamp(1, 1000) as i64;
     let mut stmt = c
-        .prepare_cached(
-            "SELECT d.id, c.op_id, d.position, d.idx, d.handler, d.attempts, d.last_error, d.updated_at,
-                    m.id, m.event_type, m.module, m.payload, m.headers
+        .prepare_cached(&format!(
+            "SELECT {DEAD_LETTER_COLUMNS}
              FROM deliveries d
              JOIN messages m ON m.position = d.position AND m.idx = d.idx
              JOIN commits c ON c.position = d.position
              WHERE d.status = ?1 AND d.id > ?2 AND (?3 IS NULL OR d.handler = ?3)
-             ORDER BY d.id LIMIT ?4",
-        )
+             ORDER BY d.id LIMIT ?4"
+        ))
         .map_err(sql("preparing the dead-letter query"))?;
     let rows = stmt
         .query_map(
             params![status::DEAD, q.after_id.unwrap_or(0), q.handler, limit],
-            |r| {
-                Ok(DeadRow {
-                    id: r.get(0)?,
-                    op: r.get(1)?,
-                    position: r.get(2)?,
-                    idx: r.get(3)?,
-                    handler: r.get(4)?,
-                    attempts: r.get(5)?,
-                    error: r.get(6)?,
-                    at: r.get(7)?,
-                    message: MessageRow::read(r, 8)?,
-                })
-            },
+            dead_row,
         )
         .map_err(sql("listing dead letters"))?;
     let mut out = Vec::new();
     for row in rows {
-        let d = row.map_err(sql("reading a dead letter"))?;
-        out.push(DeadLetter {
-            delivery_id: d.id,
-            operation_id: op_id(&d.op)?,
-            commit_id: u64::try_from(d.position).unwrap_or(0),
-            message_index: u32::try_from(d.idx).unwrap_or(0),
-            handler: d.handler,
-            attempts: u32::try_from(d.attempts).unwrap_or(0),
-            error: d.error.unwrap_or_default(),
-            failed_at_ms: d.at,
-            message: d.message.raw()?,
-        });
+        out.push(
+            row.map_err(sql("reading a dead letter"))?
+                .into_dead_letter()?,
+        );
     }
     Ok(out)
 }
 
-fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
+pub(crate) fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
     v.try_into()
         .map_err(|_| Error::Corrupt(format!("commit {position}: a hash is not 32 bytes")))
 }
@@ -155,8 +171,11 @@ pub(crate) fn log(c: &Connection, after: u64, limit: usize) -> Result<Vec<Commit
             messages,
             data_hash: hash(row.data, position)?,
             chain_hash: hash(row.chain, position)?,
+            kv: Vec::new(),
+            signature: None,
         });
     }
+    crate::commit_meta::attach(c, &mut out)?;
     Ok(out)
 }
 

@@ -29,7 +29,7 @@ pub(crate) enum Op {
     },
     Heartbeat(OwnerId),
     Release(OwnerId),
-    Replay(i64),
+    Inspect(crate::inspect::Action),
     Prune {
         bounds: Bounds,
         failed: Keep,
@@ -43,8 +43,8 @@ pub(crate) enum Out {
     Complete(Vec<CompletionEffect>),
     Claim(Vec<ClaimedDelivery>),
     Count(u64),
-    Flag(bool),
     Prune(Step),
+    Acted(crate::inspect::Acted),
     Versions(Vec<u64>),
     Unit,
 }
@@ -72,6 +72,7 @@ pub(crate) struct State {
 
 pub(crate) struct Writer {
     conn: Connection,
+    signer: crate::commit_meta::SharedSigner,
     state: State,
     max_batch: usize,
     /// When the last scan for leases of dead owners ran.
@@ -81,7 +82,11 @@ pub(crate) struct Writer {
 pub(crate) use txbus_core::time::{millis as ms, now_ms};
 
 impl Writer {
-    pub(crate) fn new(conn: Connection, max_batch: usize) -> Result<Self, Error> {
+    pub(crate) fn new(
+        conn: Connection,
+        max_batch: usize,
+        signer: crate::commit_meta::SharedSigner,
+    ) -> Result<Self, Error> {
         let head = conn
             .query_row(
                 "SELECT position, chain_hash FROM commits ORDER BY position DESC LIMIT 1",
@@ -124,6 +129,7 @@ impl Writer {
             .map_err(sql("reading the first outcome"))?;
         Ok(Self {
             conn,
+            signer,
             state: State {
                 position,
                 chain,
@@ -253,23 +259,16 @@ impl Writer {
                     .map_err(sql("forgetting an owner"))?;
                     Out::Count(n as u64)
                 }
-                Op::Replay(id) => {
-                    let n = tx
-                        .execute(
-                            "UPDATE deliveries SET status = 0, attempts = 0, owner = NULL, next_at = ?2,
-                                 last_error = NULL, updated_at = ?2
-                             WHERE id = ?1 AND status = 4",
-                            params![id, now],
-                        )
-                        .map_err(sql("replaying a dead letter"))?;
-                    Out::Flag(n == 1)
-                }
+                Op::Inspect(action) => Out::Acted(crate::inspect::act(&tx, action, now)?),
                 Op::Prune { bounds, failed } => {
                     Out::Prune(prune::step(&tx, &mut state, bounds, failed, now)?)
                 }
             };
             outs.push(Ok(out));
         }
+        crate::inspect::record_batch(&tx, batch, &outs, now)?;
+        let appended = state.position != self.state.position;
+        crate::commit_meta::sign_last(&tx, &self.signer, appended, state.position, &state.chain)?;
         tx.commit().map_err(sql("committing"))?;
         self.state = state;
         if abandoned_due {
