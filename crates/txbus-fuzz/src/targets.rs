@@ -220,8 +220,8 @@ pub fn stored(data: &[u8]) {
     let op = uuid::Uuid::from_bytes([7; 16]);
     let kind = CommitKind::from_u8(u.arbitrary().unwrap_or(1)).unwrap_or(CommitKind::Transact);
     let created: i64 = u.arbitrary().unwrap_or(0);
-    let data_hash = chain::data_hash(&op, kind, created, [LogMessage::from(&m)]);
-    let again = chain::data_hash(&op, kind, created, [LogMessage::from(&m)]);
+    let data_hash = chain::data_hash(&op, kind, created, [LogMessage::from(&m)], &[]);
+    let again = chain::data_hash(&op, kind, created, [LogMessage::from(&m)], &[]);
     assert_eq!(data_hash, again, "the data hash is not deterministic");
     let chain_hash = chain::chain_hash(&data_hash, &GENESIS);
     assert_ne!(chain_hash, chain::chain_hash(&data_hash, &chain_hash));
