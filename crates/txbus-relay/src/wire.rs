@@ -186,6 +186,30 @@ mod tests {
     }
 
     #[test]
+    fn ids_with_line_breaks_travel_only_in_the_json_header() {
+        let mut m = sample();
+        m.headers.correlation_id = Some("a\r\nInjected: yes".into());
+        m.headers.causation_id = Some("b\n".into());
+        let h = headers(&m);
+        // No plain copy that would break a NATS or HTTP-style header block...
+        assert!(
+            h.iter()
+                .all(|(_, v)| !v.contains('\n') && !v.contains('\r')),
+            "{h:?}"
+        );
+        assert!(!h
+            .iter()
+            .any(|(n, _)| *n == CORRELATION_ID || *n == CAUSATION_ID));
+        // ...and the values still arrive whole.
+        let back = decode(
+            |n| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()),
+            &m.payload,
+        )
+        .unwrap();
+        assert_eq!(back.headers, m.headers);
+    }
+
+    #[test]
     fn bad_input_is_named() {
         let e = decode(|_| None, b"{}").unwrap_err();
         assert_eq!(e, DecodeError::Missing(MESSAGE_ID));
