@@ -619,6 +619,23 @@ impl Tally {
     }
 }
 
+/// The last error of an ordered subscription (a projection, a relay), as its runner records it
+/// in the key–value space under [`runner_error_key`], so that other processes (a dashboard, a
+/// CLI) see it. Removed when the runner succeeds again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RunnerError {
+    /// What failed.
+    pub error: String,
+    /// When it was recorded, ms since the epoch.
+    pub at_ms: i64,
+}
+
+/// The key of the last error of the runner `name` of `kind` (`projection`, `relay`):
+/// `<kind>/<name>/error`, beside its checkpoint `<kind>/<name>/checkpoint`.
+pub fn runner_error_key(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}/error")
+}
+
 /// The minute bucket (its start, ms since the epoch) that holds `at_ms`.
 pub fn minute_of(at_ms: i64) -> i64 {
     at_ms.div_euclid(MINUTE_MS) * MINUTE_MS
