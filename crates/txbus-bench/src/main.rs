@@ -20,6 +20,10 @@
 //!
 //! CQRS (`txbus-cqrs`): `command` (a command through the command bus to an aggregate
 //! repository) and `query-cached` (query cache hits), and `cqrs` for both.
+//!
+//! The dashboard (`txbus-dashboard`): `dashboard-overview`, the overview page over HTTP with
+//! 1,000,000 finished deliveries and 10,000 dead letters in the store, beside
+//! `raw-sqlite-count-deliveries` on the same file.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -28,6 +32,7 @@
 )]
 
 mod cqrs;
+mod dashboard;
 mod es;
 mod raw_postgres;
 mod raw_sqlite;
@@ -145,6 +150,13 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if let Some(result) = rt.block_on(dashboard::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
     if let Some(result) = rt.block_on(saga::run(&args)) {
         if let Err(e) = result {

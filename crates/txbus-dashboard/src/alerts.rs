@@ -177,6 +177,14 @@ impl Alerts {
         }
     }
 
+    fn watches(&self, condition: &AlertCondition) -> bool {
+        match condition {
+            AlertCondition::DeadLetters { .. } => self.inner.dead_letters,
+            AlertCondition::Lag { .. } => self.inner.max_lag.is_some(),
+            AlertCondition::PendingTooLong { .. } => self.inner.max_pending.is_some(),
+        }
+    }
+
     /// The conditions that hold now, with their value and threshold.
     async fn holding(&self) -> Result<BTreeMap<String, (AlertCondition, u64, u64, String)>, Error> {
         let cfg = &self.inner;
@@ -275,6 +283,10 @@ impl Alerts {
                     .await?;
                 continue;
             };
+            // Only conditions this checker looks at can be seen to end here.
+            if !self.watches(&raised.condition) {
+                continue;
+            }
             let alert = Alert {
                 state: "cleared".into(),
                 value: 0,

@@ -139,13 +139,11 @@ pub(crate) fn check_form(
     principal: &Principal,
     headers: &HeaderMap,
     token: Option<&str>,
-) -> Result<(), Response> {
+) -> Result<(), crate::error::PageError> {
     let forbidden = |why: &str| {
-        (
-            StatusCode::FORBIDDEN,
-            format!("refused: {why}; submit the form from the dashboard's own page"),
-        )
-            .into_response()
+        crate::error::PageError::forbidden(format!(
+            "refused: {why}; submit the form from the dashboard's own page"
+        ))
     };
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         if !matches!(site, "same-origin" | "none") {

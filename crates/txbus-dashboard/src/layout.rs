@@ -152,7 +152,7 @@ main { padding:20px 24px 48px; max-width:1400px; }
 h1 { font-size:20px; margin:4px 0 16px; }
 h2 { font-size:15px; margin:24px 0 8px; color:#343b4d; }
 a { color: var(--accent); }
-.cards { display:grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap:12px; margin-bottom:16px; }
+.cards { display:grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap:12px; margin-bottom:16px; }
 .card { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:12px 14px; }
 .card .label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
 .card .value { font-size:24px; font-weight:600; margin-top:2px; }

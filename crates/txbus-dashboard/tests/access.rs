@@ -274,6 +274,36 @@ async fn bad_input_is_answered_with_a_client_error_naming_it() {
         .await;
         assert_eq!(r.status, 400, "{body}: {}", r.body);
     }
+    // Projections and relays: checkpoint, lag and the last error their runner recorded.
+    let bus = &s.demo.bus;
+    bus.kv_write(vec![txbus_core::KvWrite::put(
+        "relay/to-nats/checkpoint",
+        b"3".to_vec(),
+    )])
+    .await
+    .unwrap();
+    txbus_core::inspect::record_runner_error(
+        bus,
+        "relay",
+        "to-nats",
+        Some("nats: connection reset"),
+    )
+    .await
+    .unwrap();
+    let page = http(s.addr, "GET", "/admin/queues/subscriptions", &[auth], b"").await;
+    assert!(
+        page.body.contains("to-nats") && page.body.contains("nats: connection reset"),
+        "{}",
+        page.body
+    );
+    let head = bus.inspect().head().await.unwrap();
+    assert!(
+        page.body
+            .contains(&format!("<strong>{}</strong>", head - 3)),
+        "the lag is shown: {}",
+        page.body
+    );
+
     let huge = format!("csrf={token}&{}", "id=1&".repeat(20_000));
     let r = http(
         s.addr,

@@ -201,9 +201,7 @@ async fn act(
     action: Action,
 ) -> Result<Response, PageError> {
     let (ids, token) = read_form(&fields)?;
-    if let Err(refused) = check_form(&who, &headers, token) {
-        return Ok(refused);
-    }
+    check_form(&who, &headers, token)?;
     if !can_act(&who) {
         tracing::warn!(user = %who.name, "a read-only user tried to act on dead letters");
         return Err(PageError::forbidden(format!(

@@ -243,7 +243,7 @@ fn tree(who: &Principal, d: &OperationDetail, comp: Option<&CompensationView>) -
                         pre { (format::json(&e.message.payload)) }
                     }
                     div {
-                        div.muted { "message id " code { (e.message.id.0) } }
+                        div.muted { "headers · message id " code { (e.message.id.0) } }
                         pre { (serde_json::to_string_pretty(&e.message.headers).unwrap_or_default()) }
                     }
                 }
