@@ -24,6 +24,10 @@
 //! The dashboard (`txbus-dashboard`): `dashboard-overview`, the overview page over HTTP with
 //! 1,000,000 finished deliveries and 10,000 dead letters in the store, beside
 //! `raw-sqlite-count-deliveries` on the same file.
+//!
+//! The Tx/Commit model: `transact-signed` (beside unsigned `transact`), `verify` (an unsigned
+//! and a signed log beside a raw read of the same rows), `state-at` (the state 100 000 commits
+//! back), and `commits` for the three.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -31,6 +35,7 @@
     clippy::expect_used
 )]
 
+mod commits;
 mod cqrs;
 mod dashboard;
 mod es;
@@ -152,6 +157,13 @@ fn main() {
         }
     }
     if let Some(result) = rt.block_on(dashboard::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(result) = rt.block_on(commits::run(&args)) {
         if let Err(e) = result {
             eprintln!("txbus-bench: {e}");
             std::process::exit(1);

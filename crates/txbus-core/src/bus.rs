@@ -5,27 +5,39 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::chain::{self, VerifyReport};
+use crate::batch::BatchProgress;
+use crate::chain::{self, VerifyOptions, VerifyReport};
 use crate::commit::Commit;
+use crate::encryption::FieldEncryption;
 use crate::engine::{Engine, HandlerEntry, Settings, ShutdownReport};
 use crate::error::Error;
 use crate::filter::On;
 use crate::handler::{Erased, Handler, HandlerResult, Typed};
 use crate::kv::{KvEntry, KvWrite};
 use crate::limits::Limits;
-use crate::message::{Event, Message, OperationId, TypedEvent};
+use crate::message::{Event, Message, OperationId, StoredMessage, TypedEvent};
 use crate::operation::Operation;
 use crate::outcome::{OperationState, Outcome};
 use crate::policy::{Backoff, Policy, PolicyOverride};
 use crate::retention::{PruneReport, Retention};
 use crate::schema::SchemaRegistry;
+use crate::signing::{CommitSigner, KeyRing};
 use crate::store::{CommitKind, CommitRecord, DeadLetter, DeadLetterQuery, Stats, Store};
 use crate::stream::{Direction, StreamEvent};
+use crate::version::{Version, VersionDiff};
 
 /// A running bus: commit events, run handlers, report outcomes. Cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
     engine: Arc<Engine>,
+    keys: Arc<Keys>,
+}
+
+/// The bus's signing key id and the public keys its `verify` checks signatures with.
+#[derive(Default)]
+struct Keys {
+    signing: Option<String>,
+    ring: KeyRing,
 }
 
 impl std::fmt::Debug for Bus {
@@ -201,9 +213,114 @@ impl Bus {
         self.engine.wake_claimer();
     }
 
-    /// Walks the log and checks every commit's data and chain hash.
+    /// Walks the log and checks every commit's data and chain hash and, when the bus has keys
+    /// (its own signing key, [`BusBuilder::verifying_keys`]), every signature; a bus that signs
+    /// also requires the end of the log to be signed.
     pub async fn verify(&self) -> Result<VerifyReport, Error> {
-        Ok(chain::verify(self.engine.store.as_ref()).await?)
+        self.verify_with(&self.verify_options()).await
+    }
+
+    /// What [`verify`](Self::verify) checks: hashes, and signatures with the bus's key ring
+    /// (required at the end of the log when the bus signs).
+    pub fn verify_options(&self) -> VerifyOptions {
+        if self.keys.ring.is_empty() {
+            VerifyOptions::hashes()
+        } else {
+            VerifyOptions::signatures(self.keys.ring.clone())
+                .require_signatures(self.keys.signing.is_some())
+        }
+    }
+
+    /// Walks the log and checks it as `options` say.
+    pub async fn verify_with(&self, options: &VerifyOptions) -> Result<VerifyReport, Error> {
+        Ok(chain::verify_with(self.engine.store.as_ref(), options).await?)
+    }
+
+    /// The id of the key this bus signs the chain with, if any.
+    pub fn signing_key_id(&self) -> Option<&str> {
+        self.keys.signing.as_deref()
+    }
+
+    /// The position of the last commit in the log (0 when it is empty).
+    pub async fn head_position(&self) -> Result<u64, Error> {
+        Ok(self.engine.store.head().await?)
+    }
+
+    /// The version at `position`: the key–value space and stream heads just after that commit,
+    /// and the commits that made it (see [`crate::version`]). Position 0 is the empty state.
+    pub async fn state_at(&self, position: u64) -> Result<Version, Error> {
+        let head = self.head_position().await?;
+        if position > head {
+            return Err(Error::InvalidCommit(format!(
+                "position {position} is past the end of the log ({head})"
+            )));
+        }
+        Ok(Version {
+            store: Arc::clone(&self.engine.store),
+            position,
+        })
+    }
+
+    /// What changed between positions `from` and `to`: the keys written and the streams
+    /// appended to by the commits in between, each with its state in both versions. Reads at
+    /// most `max_commits` commits; a longer range comes back `truncated`, to continue from its
+    /// `to`.
+    pub async fn diff_versions(
+        &self,
+        from: u64,
+        to: u64,
+        max_commits: usize,
+    ) -> Result<VersionDiff, Error> {
+        crate::version::diff(&self.engine.store, from, to, max_commits).await
+    }
+
+    /// Opens the session `id`: resumed from the store, or new (see [`crate::session`]).
+    pub async fn session(&self, id: &str) -> Result<crate::session::Session, Error> {
+        crate::session::Session::open(self.clone(), id).await
+    }
+
+    /// Lists up to `limit` stored sessions' ids after `after`.
+    pub async fn sessions(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, Error> {
+        crate::session::list(self, after, limit).await
+    }
+
+    /// Where the batch `name` stands, from its checkpoint in the store (see [`crate::batch`]).
+    pub async fn batch_progress(&self, name: &str) -> Result<Option<BatchProgress>, Error> {
+        crate::batch::read(self, name).await
+    }
+
+    /// Lists up to `limit` batches' progress after the batch `after`, by name.
+    pub async fn batches(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<BatchProgress>, Error> {
+        crate::batch::list(self, after, limit).await
+    }
+
+    /// Commits a chunk of a batch: like [`commit_unwatched`](Self::commit_unwatched), stored as
+    /// [`CommitKind::Batch`].
+    pub async fn commit_batch(&self, commit: Commit) -> Result<OperationId, Error> {
+        let (_, id, _) = self.engine.commit(CommitKind::Batch, commit, false).await?;
+        Ok(id)
+    }
+
+    /// A message read from the log or a stream with its encrypted fields decrypted (as handlers
+    /// get it); returned as it is when it has none.
+    pub fn open_message(&self, message: &StoredMessage) -> Result<StoredMessage, Error> {
+        match &self.engine.settings.encryption {
+            Some(policy) => match policy.open(message) {
+                Ok(Some(plain)) => Ok(plain),
+                Ok(None) => Ok(message.clone()),
+                Err(reason) => Err(Error::Config(reason)),
+            },
+            None => Ok(message.clone()),
+        }
+    }
+
+    /// The input limits this bus validates against.
+    pub fn limits(&self) -> &Limits {
+        &self.engine.settings.limits
     }
 
     /// Walks the log like [`Bus::verify`], reporting progress after every page of commits.
@@ -211,7 +328,10 @@ impl Bus {
     where
         F: FnMut(chain::VerifyProgress) + Send,
     {
-        Ok(chain::verify_with_progress(self.engine.store.as_ref(), progress).await?)
+        Ok(
+            chain::verify_walk(self.engine.store.as_ref(), &self.verify_options(), progress)
+                .await?,
+        )
     }
 
     /// Counts what the store holds.
@@ -283,6 +403,10 @@ pub struct BusBuilder {
     max_concurrency: usize,
     start_paused: bool,
     max_interruptions: u32,
+    signer: Option<Arc<CommitSigner>>,
+    ring: KeyRing,
+    encryption: Option<FieldEncryption>,
+    system_commits: bool,
 }
 
 impl Default for BusBuilder {
@@ -301,6 +425,10 @@ impl Default for BusBuilder {
             max_concurrency: 1024,
             start_paused: false,
             max_interruptions: 10,
+            signer: None,
+            ring: KeyRing::new(),
+            encryption: None,
+            system_commits: true,
         }
     }
 }
@@ -401,6 +529,36 @@ impl BusBuilder {
         self
     }
 
+    /// Signs the chain with `signer`: the store signs the chain hash of the last commit of each
+    /// group commit (or sealing round) and keeps the signature and key id with that commit (see
+    /// [`crate::signing`]). Its public key joins the ring `verify` checks with.
+    pub fn signing_key(mut self, signer: CommitSigner) -> Self {
+        self.signer = Some(Arc::new(signer));
+        self
+    }
+
+    /// Public keys `verify` checks signatures with: keep the keys of every rotation here so that
+    /// the commits they signed still verify.
+    pub fn verifying_keys(mut self, ring: KeyRing) -> Self {
+        self.ring = ring;
+        self
+    }
+
+    /// Encrypts the fields `policy` names before the write and decrypts them for handlers (see
+    /// [`crate::encryption`]).
+    pub fn field_encryption(mut self, policy: FieldEncryption) -> Self {
+        self.encryption = Some(policy);
+        self
+    }
+
+    /// Records the bus's start (in `build`) and shutdown as system commits in the log (default
+    /// on; see [`crate::system`]). Turn it off only where the log must hold exactly what a
+    /// caller committed (a measurement, a test counting commits).
+    pub fn system_commits(mut self, on: bool) -> Self {
+        self.system_commits = on;
+        self
+    }
+
     /// Starts with handlers paused (see [`Bus::pause`]).
     pub fn start_paused(mut self, paused: bool) -> Self {
         self.start_paused = paused;
@@ -497,6 +655,25 @@ impl BusBuilder {
                 "max_payload_bytes and max_events_per_commit must be above zero".into(),
             ));
         }
+        if let Some(problem) = self.encryption.as_ref().and_then(|e| e.problem()) {
+            return Err(Error::Config(problem.to_string()));
+        }
+        let mut ring = self.ring;
+        let signing = self.signer.as_ref().map(|s| s.key_id().to_owned());
+        if let Some(signer) = &self.signer {
+            ring = ring.with(signer.key_id(), signer.verifying_key());
+        }
+        store
+            .set_signer(self.signer.clone())
+            .or_else(|e| {
+                if self.signer.is_none() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| Error::Config(format!("signing_key: {e}")))?;
+        let system_commits = self.system_commits;
         let settings = Settings {
             limits: self.limits,
             schemas: self.schemas,
@@ -508,8 +685,19 @@ impl BusBuilder {
             max_concurrency: self.max_concurrency,
             start_paused: self.start_paused,
             max_interruptions: self.max_interruptions,
+            encryption: self.encryption.map(Arc::new),
+            system_commits,
         };
         let engine = Engine::start(store, handlers, settings).await?;
-        Ok(Bus { engine })
+        if system_commits {
+            if let Err(e) = crate::system::record_start(&engine, signing.as_deref()).await {
+                let _ = engine.shutdown(Duration::from_secs(1)).await;
+                return Err(e);
+            }
+        }
+        Ok(Bus {
+            engine,
+            keys: Arc::new(Keys { signing, ring }),
+        })
     }
 }

@@ -25,8 +25,10 @@ use crate::{
     OperationState, PolicyOverride, Progress, Retention, SchemaRegistry, StoredMessage, TypedEvent,
 };
 
+mod commits;
 mod inspect;
 mod streams;
+pub use commits::*;
 pub use inspect::*;
 pub use streams::*;
 
@@ -374,9 +376,10 @@ pub async fn invalid_events_are_rejected_and_nothing_is_written(h: &dyn Harness)
         bus.transact(Vec::new()).await,
         Err(Error::NoEvents)
     ));
+    // The log holds the bus's start-up record (a system commit) and nothing else.
     let stats = bus.stats().await.unwrap();
-    assert_eq!(stats.commits, 0);
-    assert_eq!(stats.messages, 0);
+    assert_eq!(stats.commits, 1);
+    assert_eq!(stats.messages, 1);
     assert_eq!(stats.deliveries, Default::default());
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
@@ -634,11 +637,13 @@ pub async fn retention_bounds_finished_deliveries_and_outcomes(h: &dyn Harness) 
     let report = bus.prune().await.unwrap();
     assert_eq!(report.succeeded, 15);
     assert_eq!(report.failed, 4);
-    assert_eq!(report.outcomes, 26 - 3);
+    // 26 operations and the bus's start-up record (a system commit, finished at once).
+    assert_eq!(report.outcomes, 27 - 3);
     let stats = bus.stats().await.unwrap();
     assert_eq!(stats.deliveries.succeeded, 5);
     assert_eq!(stats.deliveries.dead, 2);
-    assert_eq!(stats.commits, 26, "the log itself is kept");
+    // 26 operations' commits and the bus's start-up record (a system commit).
+    assert_eq!(stats.commits, 27, "the log itself is kept");
     // The outcome of an early operation is gone; the log still verifies.
     assert!(bus.outcome(last.unwrap()).await.unwrap().is_none());
     assert!(bus.verify().await.unwrap().is_intact());
@@ -679,7 +684,8 @@ pub async fn work_finishing_behind_the_retention_bounds_is_pruned_as_it_finishes
     }
     let report = bus.prune().await.unwrap();
     assert_eq!(report.succeeded, 3);
-    assert_eq!(report.outcomes, 3);
+    // Three of the five, and the bus's start-up record (a system commit, the oldest outcome).
+    assert_eq!(report.outcomes, 4);
     assert!(matches!(
         bus.outcome(old.id()).await.unwrap(),
         Some(OperationState::Pending { .. })
@@ -744,13 +750,15 @@ pub async fn retention_by_age_removes_everything_older_than_the_bound(h: &dyn Ha
     let report = bus.prune().await.unwrap();
     assert_eq!(report.succeeded, 4);
     assert_eq!(report.failed, 4);
-    assert_eq!(report.outcomes, 4);
+    // The four operations and the bus's start-up record (a system commit).
+    assert_eq!(report.outcomes, 5);
     for id in ids {
         assert!(bus.outcome(id).await.unwrap().is_none());
     }
     let stats = bus.stats().await.unwrap();
     assert_eq!(stats.deliveries, Default::default());
-    assert_eq!(stats.commits, 4);
+    // The four commits and the bus's start-up record (a system commit): the log is kept.
+    assert_eq!(stats.commits, 4 + 1);
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -1118,6 +1126,48 @@ macro_rules! conformance_tests {
         async fn streams_and_keys_survive_a_restart() {
             let harness = $harness;
             $crate::conformance::streams_and_keys_survive_a_restart(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn signed_commits_verify_and_old_keys_still_verify_after_a_rotation() {
+            let harness = $harness;
+            $crate::conformance::signed_commits_verify_and_old_keys_still_verify_after_a_rotation(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn commits_read_back_with_their_checksums_and_key_writes() {
+            let harness = $harness;
+            $crate::conformance::commits_read_back_with_their_checksums_and_key_writes(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes() {
+            let harness = $harness;
+            $crate::conformance::state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn system_commits_record_start_and_shutdown_without_deliveries() {
+            let harness = $harness;
+            $crate::conformance::system_commits_record_start_and_shutdown_without_deliveries(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn sessions_survive_restarts_and_rebase_reports_conflicts() {
+            let harness = $harness;
+            $crate::conformance::sessions_survive_restarts_and_rebase_reports_conflicts(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn batches_commit_bounded_chunks_and_resume_without_duplicates_or_gaps() {
+            let harness = $harness;
+            $crate::conformance::batches_commit_bounded_chunks_and_resume_without_duplicates_or_gaps(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn encrypted_fields_are_stored_sealed_and_handed_to_handlers_plain() {
+            let harness = $harness;
+            $crate::conformance::encrypted_fields_are_stored_sealed_and_handed_to_handlers_plain(&harness).await;
             $crate::conformance::Harness::cleanup(&harness).await;
         }
     };

@@ -63,6 +63,10 @@ pub(crate) struct Settings {
     pub(crate) max_concurrency: usize,
     pub(crate) start_paused: bool,
     pub(crate) max_interruptions: u32,
+    /// Fields encrypted before the write and decrypted for handlers.
+    pub(crate) encryption: Option<Arc<crate::encryption::FieldEncryption>>,
+    /// Record the start and the shutdown of the bus as system commits.
+    pub(crate) system_commits: bool,
 }
 
 /// One delivery held in memory, with the slot it occupies.
@@ -164,7 +168,7 @@ pub(crate) struct Engine {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) owner: OwnerId,
     pub(crate) settings: Settings,
-    handlers: Vec<HandlerEntry>,
+    pub(crate) handlers: Vec<HandlerEntry>,
     handler_names: Vec<String>,
     by_name: HashMap<Arc<str>, usize>,
     routes: RwLock<Arc<Vec<Route>>>,
@@ -320,7 +324,11 @@ impl Engine {
         } = commit;
         let streams = stream_appends(&mut events, streams)?;
         crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
-        let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
+        let messages = self.seal(validate(
+            events,
+            &self.settings.limits,
+            &self.settings.schemas,
+        )?)?;
         let table = self.route_table();
         let mut deliveries = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -366,7 +374,11 @@ impl Engine {
         } = commit;
         let streams = stream_appends(&mut events, streams)?;
         crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
-        let messages = validate(events, &self.settings.limits, &self.settings.schemas)?;
+        let messages = self.seal(validate(
+            events,
+            &self.settings.limits,
+            &self.settings.schemas,
+        )?)?;
         let operation_id = operation_id.unwrap_or_default();
         // (message index, route) for every subscribed handler, local or in another process.
         let table = self.route_table();
@@ -447,6 +459,49 @@ impl Engine {
             None => {}
         }
         Ok((receipt.commit_id, operation_id, guard))
+    }
+
+    /// Encrypts the fields the policy names; an event it cannot encrypt fails the call,
+    /// naming it, before anything is written.
+    fn seal(
+        &self,
+        mut messages: Vec<Arc<StoredMessage>>,
+    ) -> Result<Vec<Arc<StoredMessage>>, Error> {
+        let Some(policy) = &self.settings.encryption else {
+            return Ok(messages);
+        };
+        for (index, m) in messages.iter_mut().enumerate() {
+            if policy.covers(&m.event_type) {
+                let m = Arc::make_mut(m);
+                policy.seal(m).map_err(|reason| Error::InvalidEvent {
+                    index,
+                    event_type: m.event_type.clone(),
+                    reason,
+                })?;
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Commits a system commit: no deliveries, nobody waits. Taken even while stopping.
+    pub(crate) async fn commit_system(&self, event: Event) -> Result<u64, Error> {
+        // The bus's own records: the default limits, not the ones set for callers' events.
+        let messages = validate(vec![event], &Limits::default(), &SchemaRegistry::new())?;
+        let receipt = self
+            .store
+            .append(NewCommit {
+                operation_id: OperationId::new(),
+                kind: CommitKind::System,
+                created_at_ms: now_ms(),
+                messages,
+                deliveries: Vec::new(),
+                lease_to: None,
+                streams: Vec::new(),
+                kv: Vec::new(),
+            })
+            .await?;
+        self.log_tick.send_modify(|t| *t = t.wrapping_add(1));
+        Ok(receipt.commit_id)
     }
 
     pub(crate) fn operation(self: &Arc<Self>, commit_id: u64, guard: WatchGuard) -> Operation {
@@ -561,8 +616,17 @@ impl Engine {
     ) {
         let entry = &self.handlers[job.handler];
         let attempt = job.attempts + 1;
+        let opened = match &self.settings.encryption {
+            Some(policy) => policy.open(&job.message).map(|m| m.map(Arc::new)),
+            None => Ok(None),
+        };
+        let (data, unreadable) = match opened {
+            Ok(Some(plain)) => (plain, None),
+            Ok(None) => (Arc::clone(&job.message), None),
+            Err(reason) => (Arc::clone(&job.message), Some(reason)),
+        };
         let message = Message::new(
-            Arc::clone(&job.message),
+            data,
             DeliveryContext {
                 operation_id: job.operation_id,
                 commit_id: job.commit_id,
@@ -572,7 +636,11 @@ impl Engine {
                 delivery_id: job.id,
             },
         );
-        let transient = if job.interruptions > self.settings.max_interruptions {
+        let transient = if let Some(reason) = unreadable {
+            // A key may be added and the bus restarted: retried, then dead-lettered.
+            drop(permits);
+            Some((FailureKind::RetriesExhausted, reason))
+        } else if job.interruptions > self.settings.max_interruptions {
             // Its process went down while holding it, again and again: do not run it once more.
             drop(permits);
             Some((
@@ -885,6 +953,9 @@ impl Engine {
         }
         // Let aborted attempts unwind before their leases are returned.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.attempts.drained()).await;
+        if self.settings.system_commits {
+            crate::system::record_stop(self, drained, cancelled).await;
+        }
         let released = self.store.release(self.owner).await?;
         self.watchers.close_all();
         self.store.close().await?;

@@ -54,6 +54,10 @@ pub enum Error {
         "unknown operation {0}: never committed here, or its outcome was removed by retention"
     )]
     UnknownOperation(OperationId),
+    /// What the call works on (a session, a batch's checkpoint) was changed by someone else
+    /// since it was read; nothing was written. Open it again.
+    #[error("{0}; nothing was written")]
+    ChangedElsewhere(String),
     /// No dead letter with this id.
     #[error("no dead letter with delivery id {0}")]
     UnknownDeadLetter(i64),

@@ -356,6 +356,8 @@ fn kind_name<S: Serializer>(kind: &CommitKind, s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(match kind {
         CommitKind::Transact => "transact",
         CommitKind::Publish => "publish",
+        CommitKind::System => "system",
+        CommitKind::Batch => "batch",
     })
 }
 

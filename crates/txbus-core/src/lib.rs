@@ -32,12 +32,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod algebra;
+pub mod batch;
 pub mod bus;
 pub mod chain;
 pub mod commit;
 pub mod conflict;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod encryption;
 mod engine;
 pub mod error;
 pub mod filter;
@@ -52,14 +55,21 @@ pub mod outcome;
 pub mod policy;
 pub mod retention;
 pub mod schema;
+pub mod session;
+pub mod signing;
 pub mod store;
 pub mod stream;
+pub mod system;
 pub mod time;
+pub mod version;
 
+pub use algebra::{Contradiction, Diff};
+pub use batch::{Batch, BatchProgress};
 pub use bus::{Bus, BusBuilder};
-pub use chain::{Broken, VerifyProgress, VerifyReport};
+pub use chain::{Broken, VerifyOptions, VerifyProgress, VerifyReport};
 pub use commit::Commit;
 pub use conflict::Conflict;
+pub use encryption::FieldEncryption;
 pub use engine::ShutdownReport;
 pub use error::Error;
 pub use filter::On;
@@ -76,5 +86,8 @@ pub use outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
 pub use policy::{Backoff, Policy, PolicyOverride};
 pub use retention::{Keep, PruneReport, Retention};
 pub use schema::SchemaRegistry;
-pub use store::{CommitRecord, DeadLetter, DeadLetterQuery, Stats, Store};
+pub use session::{Rebase, Session, SessionConflict};
+pub use signing::{CommitSignature, CommitSigner, KeyRing};
+pub use store::{CommitKind, CommitRecord, DeadLetter, DeadLetterQuery, KvVersion, Stats, Store};
 pub use stream::{Direction, ExpectedVersion, StreamEvent};
+pub use version::{Change, KeyChange, StreamChange, Version, VersionDiff};

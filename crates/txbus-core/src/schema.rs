@@ -77,6 +77,13 @@ impl SchemaRegistry {
         Ok(self)
     }
 
+    /// The event types with a registered schema, sorted.
+    pub fn event_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.schemas.keys().cloned().collect();
+        types.sort();
+        types
+    }
+
     /// True when a schema is registered for `event_type`.
     pub fn contains(&self, event_type: &str) -> bool {
         self.schemas.contains_key(event_type)

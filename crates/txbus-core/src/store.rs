@@ -18,6 +18,7 @@ use crate::kv::{KvEntry, KvWrite};
 use crate::message::{OperationId, StoredMessage};
 use crate::outcome::{Failure, OperationState, Outcome};
 use crate::retention::{PruneReport, Retention};
+use crate::signing::{CommitSignature, CommitSigner};
 use crate::stream::{Direction, StreamAppend, StreamEvent};
 
 /// Identifies one running bus instance: the holder of leases.
@@ -90,6 +91,11 @@ pub enum CommitKind {
     Transact = 1,
     /// A `publish`: nobody waits.
     Publish = 2,
+    /// A system commit (the bus starting or stopping): it creates no deliveries, and relays
+    /// and projections skip it unless asked for it.
+    System = 3,
+    /// A chunk of a batch ([`crate::batch`]): nobody waits; handlers run as for a publish.
+    Batch = 4,
 }
 
 impl CommitKind {
@@ -98,6 +104,8 @@ impl CommitKind {
         match v {
             1 => Some(Self::Transact),
             2 => Some(Self::Publish),
+            3 => Some(Self::System),
+            4 => Some(Self::Batch),
             _ => None,
         }
     }
@@ -256,6 +264,21 @@ pub struct CommitRecord {
     pub data_hash: Hash,
     /// The stored chain hash.
     pub chain_hash: Hash,
+    /// The key–value writes committed with it, as they were handed in (empty for commits
+    /// written before the log kept them). The data hash covers them when there are any.
+    pub kv: Vec<KvWrite>,
+    /// The signature stored with this commit, when the bus that linked it into the chain had
+    /// a signing key. It signs this commit's chain hash, so it vouches for this commit and,
+    /// through the chain, for every commit before it; stores sign the last commit of each
+    /// group commit (see [`crate::signing`]).
+    pub signature: Option<CommitSignature>,
+}
+
+impl CommitRecord {
+    /// True for a system commit (start-up, shutdown).
+    pub fn is_system(&self) -> bool {
+        self.kind == CommitKind::System
+    }
 }
 
 /// The hashed fields of one message, borrowed.
@@ -528,6 +551,89 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Signs the chain from now on with `signer` (`None`: stop signing). Stores sign the chain
+    /// hash of the last commit of each group commit (or, on stores that seal later, of each
+    /// sealing round) in the same transaction, and keep the signature with that commit. A store
+    /// that cannot sign keeps the default, which refuses.
+    fn set_signer(&self, signer: Option<std::sync::Arc<CommitSigner>>) -> Result<(), Error> {
+        let _ = signer;
+        Err(Error::Invalid(
+            "this store cannot sign commits; use a store that supports signatures".into(),
+        ))
+    }
+
+    /// The position of the last commit in the log (0 when empty). The default pages through
+    /// the log; stores answer from their index.
+    async fn head(&self) -> Result<u64, Error> {
+        let mut head = 0;
+        loop {
+            match self.read_log(head, 10_000).await?.last() {
+                Some(c) => head = c.position,
+                None => return Ok(head),
+            }
+        }
+    }
+
+    /// Reads up to `limit` commits after `after_position` for hashing (what `verify` walks):
+    /// like [`Store::read_log`], but a store may leave the messages' payloads and headers
+    /// unparsed (`payload` null, `headers` empty) — `payload_json` and `headers_json` hold the
+    /// stored text, which is what the hashes cover. The default is `read_log`.
+    async fn read_chain(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<CommitRecord>, Error> {
+        self.read_log(after_position, limit).await
+    }
+
+    /// The store's kind and schema version, recorded by the bus's start-up commit.
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            backend: "unknown",
+            schema_version: 0,
+        }
+    }
+
+    /// The value `key` held just after the commit at `position`, as the log's key–value writes
+    /// made it: `None` when no commit up to `position` wrote it, or the last one deleted it.
+    /// Writes made outside commits ([`Store::kv_write`]) are not part of the log and not seen.
+    async fn kv_at(&self, key: &str, position: u64) -> Result<Option<KvVersion>, Error> {
+        let _ = (key, position);
+        Err(unsupported("kv_at"))
+    }
+
+    /// Up to `limit` keys under `prefix` (after `after`), in key order, with the values they
+    /// held just after the commit at `position` (see [`Store::kv_at`]); deleted keys are left
+    /// out.
+    async fn kv_scan_at(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        position: u64,
+    ) -> Result<Vec<KvVersion>, Error> {
+        let _ = (prefix, after, limit, position);
+        Err(unsupported("kv_scan_at"))
+    }
+
+    /// The version of `stream` just after the commit at `position` (0: no event yet).
+    async fn stream_version_at(&self, stream: &str, position: u64) -> Result<u64, Error> {
+        let _ = (stream, position);
+        Err(unsupported("stream_version_at"))
+    }
+
+    /// Up to `limit` streams (after `after`, in stream id order) that had events just after the
+    /// commit at `position`, each with its version then.
+    async fn streams_at(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        position: u64,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let _ = (after, limit, position);
+        Err(unsupported("streams_at"))
+    }
+
     /// What the store answers about its contents (per-handler counts, throughput,
     /// operations, dead letters): see [`crate::inspect`]. `None` (the default) when it cannot;
     /// [`crate::Bus::inspect`] then answers [`crate::Error::Unsupported`].
@@ -537,4 +643,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and closes; later calls fail with [`Error::Closed`].
     async fn close(&self) -> Result<(), Error>;
+}
+
+fn unsupported(what: &str) -> Error {
+    Error::Invalid(format!(
+        "this store does not keep the history {what} needs; use the SQLite or PostgreSQL store"
+    ))
+}
+
+/// What a store is, for the start-up record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// The backend (`sqlite`, `postgres`).
+    pub backend: &'static str,
+    /// The version of its schema (its migrations applied).
+    pub schema_version: i64,
+}
+
+/// A key's value as of a position of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvVersion {
+    /// The key.
+    pub key: String,
+    /// Its value.
+    pub value: Vec<u8>,
+    /// The position of the commit that wrote this value.
+    pub written_at: u64,
+    /// When the value expires (ms since the epoch), if it was written with a time to live.
+    pub expires_at_ms: Option<i64>,
 }

@@ -168,7 +168,7 @@ tbody tr:hover { background:#fafbfd; }
 .badge.succeeded, .badge.completed, .badge.intact { background:var(--okbg); color:var(--ok); }
 .badge.failed, .badge.dead, .badge.rejected, .badge.broken, .badge.needs_attention { background:var(--badbg); color:var(--bad); }
 .badge.pending, .badge.compensating, .badge.running { background:var(--warnbg); color:var(--warn); }
-.badge.leased, .badge.transact, .badge.publish { background:var(--infobg); color:var(--info); }
+.badge.leased, .badge.transact, .badge.publish, .badge.system, .badge.batch { background:var(--infobg); color:var(--info); }
 .muted { color:var(--muted); }
 .zero { color:#b8bdc9; }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:12.5px; }

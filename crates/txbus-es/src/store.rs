@@ -205,7 +205,8 @@ impl EventStore {
 
     /// Reads the events of up to `limit` commits after `after_position`, in log order (on
     /// stores that seal positions later, only sealed commits: a position once read is never
-    /// filled in behind).
+    /// filled in behind). The bus's system commits (start-up and shutdown records) are not
+    /// events of the application and are left out, as projections leave them out.
     pub async fn read_log(
         &self,
         after_position: u64,
@@ -213,7 +214,7 @@ impl EventStore {
     ) -> Result<Vec<LogEvent>, Error> {
         let commits = self.bus.read_log(after_position, limit).await?;
         let mut out = Vec::with_capacity(commits.iter().map(|c| c.messages.len()).sum());
-        for c in commits {
+        for c in commits.into_iter().filter(|c| !c.is_system()) {
             for (i, m) in c.messages.into_iter().enumerate() {
                 out.push(LogEvent {
                     position: c.position,

@@ -78,6 +78,8 @@ async fn a_request_is_answered_with_its_outcome_and_a_repeat_with_the_same_outco
     let runs = Arc::new(AtomicU32::new(0));
     let r = Arc::clone(&runs);
     let bus = Bus::builder()
+        // Counts the commits and positions it makes: no start-up or shutdown record.
+        .system_commits(false)
         .store(SqliteStore::open(dir.path().join("bus.db")).unwrap())
         .handler("charger", On::in_module("billing"), move |m: Message| {
             let r = Arc::clone(&r);
@@ -189,6 +191,8 @@ async fn messages_that_cannot_be_committed_are_discarded() {
 
     let dir = tempfile::tempdir().unwrap();
     let bus = Bus::builder()
+        // Counts the commits and positions it makes: no start-up or shutdown record.
+        .system_commits(false)
         .store(SqliteStore::open(dir.path().join("bus.db")).unwrap())
         .build()
         .await

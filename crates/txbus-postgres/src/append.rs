@@ -78,6 +78,7 @@ pub(crate) fn data_hash(c: &NewCommit) -> Hash {
         c.kind,
         c.created_at_ms,
         c.messages.iter().map(|m| LogMessage::from(&**m)),
+        &c.kv,
     )
 }
 
@@ -150,12 +151,13 @@ pub(crate) async fn write(
             commits.push((c, hash));
         }
     }
-    let mut receipts = if commits.is_empty() {
+    let receipts = if commits.is_empty() {
         Vec::new()
     } else {
         append_all(conn, schema, &commits, &stream_rows, now).await?
-    }
-    .into_iter();
+    };
+    crate::commit_meta::insert_kv(conn, schema, &commits, &receipts).await?;
+    let mut receipts = receipts.into_iter();
     crate::kv::write(conn, schema, &keys).await?;
 
     writes

@@ -21,6 +21,8 @@ pub(crate) struct Shared {
     pub(crate) last_abandoned_scan: AtomicI64,
     /// How long a session may stall before the server ends it (see `PostgresOptions`).
     pub(crate) stall_timeout: Duration,
+    /// The key the sealer signs the chain with, when the bus set one.
+    pub(crate) signer: crate::commit_meta::SharedSigner,
 }
 
 impl Shared {

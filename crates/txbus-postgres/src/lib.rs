@@ -47,10 +47,12 @@
 mod append;
 mod claim;
 mod clock;
+mod commit_meta;
 mod complete;
 mod condition;
 mod context;
 mod error;
+mod history;
 mod inspect;
 mod kv;
 mod notify;
@@ -73,10 +75,11 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
+use txbus_core::signing::CommitSigner;
 use txbus_core::store::{
     AppendReceipt, ClaimedDelivery, CommitRecord, Completion, CompletionEffect, DeadLetter,
-    DeadLetterQuery, Error, NewCommit, Notification, Notifications, OwnerId, Stats, Store,
-    Subscription,
+    DeadLetterQuery, Error, KvVersion, NewCommit, Notification, Notifications, OwnerId, Stats,
+    Store, StoreInfo, Subscription,
 };
 use txbus_core::{
     Direction, KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention, StreamEvent,
@@ -280,6 +283,7 @@ impl PostgresStore {
             connect_timeout: options.acquire_timeout,
             stall_timeout: options.stall_timeout,
             last_abandoned_scan: AtomicI64::new(0),
+            signer: commit_meta::SharedSigner::default(),
         });
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let lanes = writer::spawn(&shared, rx, options.writer_lanes, options.max_batch);
@@ -447,6 +451,59 @@ impl Store for PostgresStore {
     async fn stream_version(&self, stream: &str) -> Result<u64, Error> {
         let shared = self.open()?;
         stream::version(&shared.pool, &shared.schema, stream).await
+    }
+
+    fn set_signer(&self, signer: Option<Arc<CommitSigner>>) -> Result<(), Error> {
+        *self
+            .inner
+            .shared
+            .signer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = signer;
+        Ok(())
+    }
+
+    async fn head(&self) -> Result<u64, Error> {
+        let shared = self.open()?;
+        history::head(&shared.pool, &shared.schema).await
+    }
+
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            backend: "postgres",
+            schema_version: schema::VERSION,
+        }
+    }
+
+    async fn kv_at(&self, key: &str, position: u64) -> Result<Option<KvVersion>, Error> {
+        let shared = self.open()?;
+        history::kv_at(&shared.pool, &shared.schema, key, position).await
+    }
+
+    async fn kv_scan_at(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        position: u64,
+    ) -> Result<Vec<KvVersion>, Error> {
+        let shared = self.open()?;
+        history::kv_scan_at(&shared.pool, &shared.schema, prefix, after, limit, position).await
+    }
+
+    async fn stream_version_at(&self, stream: &str, position: u64) -> Result<u64, Error> {
+        let shared = self.open()?;
+        history::stream_version_at(&shared.pool, &shared.schema, stream, position).await
+    }
+
+    async fn streams_at(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        position: u64,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let shared = self.open()?;
+        history::streams_at(&shared.pool, &shared.schema, after, limit, position).await
     }
 
     async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, Error> {

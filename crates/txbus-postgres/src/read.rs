@@ -133,7 +133,8 @@ pub(crate) async fn log(
             .raw();
         messages.entry(commit).or_default().push(message);
     }
-    rows.into_iter()
+    let mut records = rows
+        .into_iter()
         .map(|(id, position, op, k, created_at, data, chain)| {
             let chain = chain.ok_or_else(|| {
                 Error::Corrupt(format!("commit {position}: sealed without a chain hash"))
@@ -146,9 +147,13 @@ pub(crate) async fn log(
                 messages: messages.remove(&id).unwrap_or_default(),
                 data_hash: hash(data, position)?,
                 chain_hash: hash(chain, position)?,
+                kv: Vec::new(),
+                signature: None,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, Error>>()?;
+    crate::commit_meta::attach(&mut conn, schema, &ids, &mut records).await?;
+    Ok(records)
 }
 
 pub(crate) async fn stats(pool: &PgPool, schema: &Schema) -> Result<Stats, Error> {

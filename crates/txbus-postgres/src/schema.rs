@@ -226,6 +226,30 @@ CREATE INDEX kv_expiry ON {s}.kv (expires_at) WHERE expires_at IS NOT NULL;
     // Per-handler counters, per-minute buckets, and the indexes of open deliveries and of an
     // operation's deliveries (inspection).
     crate::inspect::MIGRATION,
+    // The key-value writes of each commit, kept with it in the log (its data hash covers them),
+    // by key then commit so that a key's past values are found by key; and the signatures of
+    // the chain, one per sealing round when the sealer signs.
+    r#"
+CREATE TABLE {s}.commit_kv (
+    key            TEXT COLLATE "C" NOT NULL,
+    commit_id      BIGINT   NOT NULL,
+    idx            INT      NOT NULL,
+    op             SMALLINT NOT NULL,
+    value          BYTEA,
+    ttl_ms         BIGINT,
+    expires_at     BIGINT,
+    expect         SMALLINT NOT NULL,
+    expect_version BIGINT,
+    PRIMARY KEY (key, commit_id)
+);
+CREATE INDEX commit_kv_commit ON {s}.commit_kv (commit_id, idx);
+
+CREATE TABLE {s}.commit_signatures (
+    position  BIGINT PRIMARY KEY,
+    key_id    TEXT   NOT NULL,
+    signature BYTEA  NOT NULL
+);
+"#,
 ];
 
 /// The newest schema version this build knows.

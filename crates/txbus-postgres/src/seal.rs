@@ -108,7 +108,13 @@ async fn session(
     }
     tracing::info!(schema = schema.name(), "this process seals the chain");
     loop {
-        match seal(&mut conn, schema).await {
+        match seal(
+            &mut conn,
+            schema,
+            crate::commit_meta::current(&shared.signer).as_deref(),
+        )
+        .await
+        {
             Ok(n) if n >= ROUND => continue,
             Ok(_) => {}
             Err(e) if is_connection_lost(&e) => return Ended::Lost(e),
@@ -120,7 +126,7 @@ async fn session(
             () = stopped(stop) => {
                 // What this process appended before closing is sealed before it lets go.
                 loop {
-                    match seal(&mut conn, schema).await {
+                    match seal(&mut conn, schema, crate::commit_meta::current(&shared.signer).as_deref()).await {
                         Ok(n) if n >= ROUND => continue,
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "the last sealing round failed"),
@@ -157,7 +163,11 @@ fn hash(bytes: &[u8], what: &str) -> Hash {
 /// One round: seals up to [`ROUND`] visible unsealed commits; returns how many. A commit whose
 /// row a writer holds right now (recording an attempt) is skipped and sealed in a later round:
 /// the sealer never waits for the writers, and positions need not follow ids.
-pub(crate) async fn seal(conn: &mut PgConnection, schema: &Schema) -> Result<usize, Error> {
+pub(crate) async fn seal(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    signer: Option<&txbus_core::signing::CommitSigner>,
+) -> Result<usize, Error> {
     let pending: bool = sqlx::query_scalar(
         &schema.sql("SELECT EXISTS (SELECT 1 FROM {s}.commits WHERE position IS NULL)"),
     )
@@ -214,6 +224,7 @@ pub(crate) async fn seal(conn: &mut PgConnection, schema: &Schema) -> Result<usi
         .execute(&mut *tx)
         .await
         .map_err(db("moving the chain head"))?;
+    crate::commit_meta::sign_round(&mut tx, schema, signer, position, &chain).await?;
     tx.commit()
         .await
         .map_err(db("committing a sealing round"))?;

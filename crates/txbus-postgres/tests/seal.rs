@@ -19,7 +19,7 @@ use common::{commit, open, raw, wait_sealed, TestSchema};
 async fn insert_raw_commit(conn: &mut sqlx::PgConnection, schema: &str) -> (OperationId, i64) {
     let op = OperationId::new();
     let created = 1_700_000_000_000i64;
-    let data = chain::data_hash(&op.0, CommitKind::Publish, created, []);
+    let data = chain::data_hash(&op.0, CommitKind::Publish, created, [], &[]);
     let id: i64 = sqlx::query_scalar(&format!(
         "INSERT INTO \"{schema}\".commits
              (op_id, kind, created_at, message_count, data_hash, op_status, op_remaining)

@@ -91,6 +91,7 @@ async fn rehash_commit(conn: &mut sqlx::PgConnection, schema: &str, position: i6
             payload_json: &payload,
             headers_json: &headers,
         }],
+        &[],
     )
 }
 
@@ -227,7 +228,7 @@ async fn processes_starting_together_migrate_once() {
     .unwrap();
     assert_eq!(
         versions,
-        vec![1, 2, 3, 4],
+        vec![1, 2, 3, 4, 5],
         "every migration applied exactly once"
     );
     conn.close().await.unwrap();

@@ -48,6 +48,7 @@ impl Relay {
             name: name.into(),
             publisher,
             filter: On::all(),
+            system: false,
             route: Arc::new(SubjectRoute::default()),
             read_batch: 512,
             max_in_flight: 4096,
@@ -63,6 +64,7 @@ pub struct RelayBuilder<P> {
     name: String,
     publisher: P,
     filter: On,
+    system: bool,
     route: Arc<dyn Route>,
     read_batch: usize,
     max_in_flight: usize,
@@ -86,6 +88,13 @@ impl<P: Publisher> RelayBuilder<P> {
     /// still advance the checkpoint.
     pub fn filter(mut self, on: On) -> Self {
         self.filter = on;
+        self
+    }
+
+    /// Relays the bus's system commits (start-up and shutdown records) too; by default they
+    /// are skipped.
+    pub fn system_commits(mut self, relay: bool) -> Self {
+        self.system = relay;
         self
     }
 
@@ -158,6 +167,7 @@ impl<P: Publisher> RelayBuilder<P> {
             name: self.name,
             publisher: self.publisher,
             filter: self.filter,
+            system: self.system,
             route: self.route,
             read_batch: self.read_batch,
             max_in_flight: self.max_in_flight,
@@ -286,6 +296,7 @@ struct Worker<P> {
     name: String,
     publisher: P,
     filter: On,
+    system: bool,
     route: Arc<dyn Route>,
     read_batch: usize,
     max_in_flight: usize,
@@ -487,6 +498,9 @@ impl<P: Publisher> Worker<P> {
         };
         let mut batch = Vec::new();
         for commit in commits {
+            if commit.is_system() && !self.system {
+                continue;
+            }
             for (index, message) in commit.messages.into_iter().enumerate() {
                 if self.filter.matches(&message) {
                     let destination = self.route.destination(&message);

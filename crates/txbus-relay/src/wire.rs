@@ -73,10 +73,13 @@ pub fn headers(message: &OutboundMessage) -> Vec<(&'static str, String)> {
     }
     out.push((OPERATION_ID, message.operation_id.to_string()));
     out.push((POSITION, message.position.to_string()));
-    if let Some(c) = &message.headers.correlation_id {
+    // Copies for tools that read headers; a value with control characters (a line break
+    // would break a NATS header block) travels only inside the JSON header.
+    let plain = |v: &String| !v.chars().any(char::is_control);
+    if let Some(c) = message.headers.correlation_id.as_ref().filter(|v| plain(v)) {
         out.push((CORRELATION_ID, c.clone()));
     }
-    if let Some(c) = &message.headers.causation_id {
+    if let Some(c) = message.headers.causation_id.as_ref().filter(|v| plain(v)) {
         out.push((CAUSATION_ID, c.clone()));
     }
     if !message.headers.is_empty() {

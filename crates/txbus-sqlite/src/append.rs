@@ -25,6 +25,7 @@ pub(crate) fn append(
         c.kind,
         c.created_at_ms,
         c.messages.iter().map(|m| LogMessage::from(&**m)),
+        &c.kv,
     );
     let chain_hash = chain::chain_hash(&data, &state.chain);
     let remaining = c.deliveries.len();
@@ -76,6 +77,7 @@ pub(crate) fn append(
     }
     if !c.kv.is_empty() {
         crate::kv::apply(tx, &c.kv, &kv_versions, now)?;
+        crate::commit_meta::insert_kv(tx, pos, c.created_at_ms, &c.kv)?;
     }
     let mut delivery_ids = Vec::with_capacity(c.deliveries.len());
     if !c.deliveries.is_empty() {

@@ -15,9 +15,12 @@
 //! ```
 
 mod append;
+mod chain_read;
 mod claim;
+mod commit_meta;
 mod complete;
 mod error;
+mod history;
 mod inspect;
 mod kv;
 mod lock;
@@ -35,9 +38,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
+use txbus_core::signing::CommitSigner;
 use txbus_core::store::{
     AppendReceipt, ClaimedDelivery, CommitRecord, Completion, CompletionEffect, DeadLetter,
-    DeadLetterQuery, Error, NewCommit, OwnerId, Stats, Store,
+    DeadLetterQuery, Error, KvVersion, NewCommit, OwnerId, Stats, Store, StoreInfo,
 };
 use txbus_core::stream::{Direction, StreamEvent};
 use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention};
@@ -115,6 +119,7 @@ struct Inner {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
     lock: Mutex<Option<lock::FileLock>>,
+    signer: commit_meta::SharedSigner,
 }
 
 fn configure(conn: &Connection, options: &SqliteOptions) -> Result<(), Error> {
@@ -171,7 +176,8 @@ impl SqliteStore {
             .execute_batch("PRAGMA query_only = 1")
             .map_err(sql("configuring the read connection"))?;
 
-        let writer = Writer::new(conn, options.max_batch)?;
+        let signer = commit_meta::SharedSigner::default();
+        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer))?;
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("txbus-sqlite-writer".into())
@@ -185,6 +191,7 @@ impl SqliteStore {
                 writer: Mutex::new(Some(handle)),
                 reader: Arc::new(Mutex::new(reader)),
                 lock: Mutex::new(Some(lock)),
+                signer,
             }),
         })
     }
@@ -366,6 +373,70 @@ impl Store for SqliteStore {
         let prefix = prefix.to_owned();
         let after = after.map(str::to_owned);
         self.read(move |c| kv::scan(c, &prefix, after.as_deref(), limit, writer::now_ms()))
+            .await
+    }
+
+    fn set_signer(&self, signer: Option<Arc<CommitSigner>>) -> Result<(), Error> {
+        *self
+            .inner
+            .signer
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = signer;
+        Ok(())
+    }
+
+    async fn head(&self) -> Result<u64, Error> {
+        self.read(history::head).await
+    }
+
+    async fn read_chain(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<CommitRecord>, Error> {
+        self.read(move |c| chain_read::read(c, after_position, limit))
+            .await
+    }
+
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            backend: "sqlite",
+            schema_version: schema::VERSION,
+        }
+    }
+
+    async fn kv_at(&self, key: &str, position: u64) -> Result<Option<KvVersion>, Error> {
+        let key = key.to_owned();
+        self.read(move |c| history::kv_at(c, &key, position)).await
+    }
+
+    async fn kv_scan_at(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        position: u64,
+    ) -> Result<Vec<KvVersion>, Error> {
+        let prefix = prefix.to_owned();
+        let after = after.map(str::to_owned);
+        self.read(move |c| history::kv_scan_at(c, &prefix, after.as_deref(), limit, position))
+            .await
+    }
+
+    async fn stream_version_at(&self, stream: &str, position: u64) -> Result<u64, Error> {
+        let stream = stream.to_owned();
+        self.read(move |c| history::stream_version_at(c, &stream, position))
+            .await
+    }
+
+    async fn streams_at(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        position: u64,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let after = after.map(str::to_owned);
+        self.read(move |c| history::streams_at(c, after.as_deref(), limit, position))
             .await
     }
 

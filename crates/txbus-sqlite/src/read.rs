@@ -171,8 +171,11 @@ pub(crate) fn log(c: &Connection, after: u64, limit: usize) -> Result<Vec<Commit
             messages,
             data_hash: hash(row.data, position)?,
             chain_hash: hash(row.chain, position)?,
+            kv: Vec::new(),
+            signature: None,
         });
     }
+    crate::commit_meta::attach(c, &mut out)?;
     Ok(out)
 }
 

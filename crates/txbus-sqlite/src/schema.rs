@@ -94,6 +94,30 @@ CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL;
 "#,
     // Per-handler counters, per-minute buckets and the index of open deliveries (inspection).
     crate::inspect::MIGRATION,
+    // The key-value writes of each commit, kept with it in the log (its data hash covers them),
+    // by key then position so that a key's value at any position is one seek; and the
+    // signatures of the chain, one per group commit when the bus signs.
+    r#"
+CREATE TABLE commit_kv (
+    key            TEXT    NOT NULL,
+    position       INTEGER NOT NULL,
+    idx            INTEGER NOT NULL,
+    op             INTEGER NOT NULL,
+    value          BLOB,
+    ttl_ms         INTEGER,
+    expires_at     INTEGER,
+    expect         INTEGER NOT NULL,
+    expect_version INTEGER,
+    PRIMARY KEY (key, position)
+) WITHOUT ROWID;
+CREATE INDEX commit_kv_position ON commit_kv (position, idx);
+
+CREATE TABLE commit_signatures (
+    position  INTEGER PRIMARY KEY,
+    key_id    TEXT    NOT NULL,
+    signature BLOB    NOT NULL
+);
+"#,
 ];
 
 /// The newest schema version this build knows.

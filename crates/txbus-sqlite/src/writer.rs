@@ -72,6 +72,7 @@ pub(crate) struct State {
 
 pub(crate) struct Writer {
     conn: Connection,
+    signer: crate::commit_meta::SharedSigner,
     state: State,
     max_batch: usize,
     /// When the last scan for leases of dead owners ran.
@@ -81,7 +82,11 @@ pub(crate) struct Writer {
 pub(crate) use txbus_core::time::{millis as ms, now_ms};
 
 impl Writer {
-    pub(crate) fn new(conn: Connection, max_batch: usize) -> Result<Self, Error> {
+    pub(crate) fn new(
+        conn: Connection,
+        max_batch: usize,
+        signer: crate::commit_meta::SharedSigner,
+    ) -> Result<Self, Error> {
         let head = conn
             .query_row(
                 "SELECT position, chain_hash FROM commits ORDER BY position DESC LIMIT 1",
@@ -124,6 +129,7 @@ impl Writer {
             .map_err(sql("reading the first outcome"))?;
         Ok(Self {
             conn,
+            signer,
             state: State {
                 position,
                 chain,
@@ -261,6 +267,8 @@ impl Writer {
             outs.push(Ok(out));
         }
         crate::inspect::record_batch(&tx, batch, &outs, now)?;
+        let appended = state.position != self.state.position;
+        crate::commit_meta::sign_last(&tx, &self.signer, appended, state.position, &state.chain)?;
         tx.commit().map_err(sql("committing"))?;
         self.state = state;
         if abandoned_due {

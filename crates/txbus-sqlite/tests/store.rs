@@ -92,6 +92,7 @@ fn rehash_commit(conn: &rusqlite::Connection, position: i64) -> [u8; 32] {
             payload_json: &payload,
             headers_json: &headers,
         }],
+        &[],
     )
 }
 

@@ -57,7 +57,7 @@ pub(crate) async fn page(
                         tr {
                             td.num { (c.position) }
                             td { (format::time(c.created_at_ms)) }
-                            td { (badge(match c.kind { txbus_core::store::CommitKind::Transact => "transact", txbus_core::store::CommitKind::Publish => "publish" })) }
+                            td { (badge(super::operations::kind(c.kind))) }
                             td { a href={ (base) "/operations/" (c.operation_id) } { code { (format::clip(&c.operation_id.to_string(), 13)) } } }
                             td { @for (i, m) in c.messages.iter().enumerate() { @if i > 0 { ", " } code { (m.event_type) } } }
                             td { code title=(hash_hex(&c.data_hash)) { (format::clip(&hash_hex(&c.data_hash), 12)) } }

@@ -134,10 +134,14 @@ pub(crate) async fn search(
     Ok(layout::page(&inner, &who, Section::Operations, "Operations", body).into_response())
 }
 
-fn kind(k: txbus_core::store::CommitKind) -> &'static str {
+/// How a commit came about, as shown.
+pub(crate) fn kind(k: txbus_core::store::CommitKind) -> &'static str {
+    use txbus_core::store::CommitKind;
     match k {
-        txbus_core::store::CommitKind::Transact => "transact",
-        txbus_core::store::CommitKind::Publish => "publish",
+        CommitKind::Transact => "transact",
+        CommitKind::Publish => "publish",
+        CommitKind::System => "system",
+        CommitKind::Batch => "batch",
     }
 }
 

@@ -91,6 +91,12 @@ pub trait ReadModel: Send + Sync + 'static {
         On::all()
     }
 
+    /// Whether it is handed the bus's system commits (start-up and shutdown records, see
+    /// `txbus_core::system`) too; by default they are skipped like filtered-out events.
+    fn system_commits(&self) -> bool {
+        false
+    }
+
     /// Projects one event: read what it needs through `tx` (which sees this page's writes
     /// already staged) and stage writes in it. An error fails the page: nothing of it is
     /// written, and it is retried.
@@ -105,6 +111,12 @@ pub trait ExternalProjection: Send + Sync + 'static {
     /// Which events it is handed (default: all).
     fn filter(&self) -> On {
         On::all()
+    }
+
+    /// Whether it is handed the bus's system commits (start-up and shutdown records, see
+    /// `txbus_core::system`) too; by default they are skipped like filtered-out events.
+    fn system_commits(&self) -> bool {
+        false
     }
 
     /// Handles one page's events, in log order (never called with an empty page). An error

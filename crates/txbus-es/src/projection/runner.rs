@@ -164,6 +164,10 @@ impl Projector {
             Kind::ReadModel(m) => m.filter(),
             Kind::External(p) => p.filter(),
         };
+        let system = match &self.kind {
+            Kind::ReadModel(m) => m.system_commits(),
+            Kind::External(p) => p.system_commits(),
+        };
         let cp = Checkpoint::load(store.bus(), &self.name).await?;
         let (checkpoint_tx, checkpoint_rx) = watch::channel(cp.position);
         let (command_tx, command_rx) = mpsc::channel(4);
@@ -175,6 +179,7 @@ impl Projector {
             store: store.clone(),
             prefix,
             filter,
+            system,
             page_size: self.page_size,
             poll_interval: self.poll_interval,
             recheck_after: self.recheck_after,
@@ -244,6 +249,8 @@ struct Runner {
     store: EventStore,
     prefix: String,
     filter: On,
+    /// Hand system commits over too.
+    system: bool,
     page_size: usize,
     poll_interval: Duration,
     recheck_after: Duration,
@@ -452,6 +459,9 @@ impl Runner {
         let full = commits.len() >= self.page_size;
         let mut events = Vec::new();
         for c in commits {
+            if c.is_system() && !self.system {
+                continue;
+            }
             for (i, m) in c.messages.into_iter().enumerate() {
                 if !self.filter.matches(&m) {
                     continue;

@@ -113,6 +113,8 @@ async fn remote(
         .await?;
     let seen = dir.join("seen.log");
     let bus = Bus::builder()
+        // Counts the commits and positions it makes: no start-up or shutdown record.
+        .system_commits(false)
         .store(SqliteStore::open(dir.join("bus.db"))?)
         .handler_timeout(Duration::from_secs(30))
         .handler("charger", On::in_module("billing"), move |msg: Message| {
@@ -163,6 +165,8 @@ async fn relay(
         .ensure(&js)
         .await?;
     let bus = Bus::builder()
+        // Counts the commits and positions it makes: no start-up or shutdown record.
+        .system_commits(false)
         .store(SqliteStore::open(dir.join("bus.db"))?)
         .build()
         .await?;
