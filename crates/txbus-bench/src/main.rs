@@ -22,6 +22,10 @@
 //! CQRS (`txbus-cqrs`): `command` (a command through the command bus to an aggregate
 //! repository) and `query-cached` (query cache hits), and `cqrs` for both.
 //!
+//! The dashboard (`txbus-dashboard`): `dashboard-overview`, the overview page over HTTP with
+//! 1,000,000 finished deliveries and 10,000 dead letters in the store, beside
+//! `raw-sqlite-count-deliveries` on the same file.
+//!
 //! The Tx/Commit model: `transact-signed` (beside unsigned `transact`), `verify` (an unsigned
 //! and a signed log beside a raw read of the same rows), `state-at` (the state 100 000 commits
 //! back), and `commits` for the three.
@@ -34,6 +38,7 @@
 
 mod commits;
 mod cqrs;
+mod dashboard;
 mod es;
 mod metrics_overhead;
 mod raw_postgres;
@@ -152,6 +157,13 @@ fn main() {
                 std::process::exit(1);
             }
         }
+    }
+    if let Some(result) = rt.block_on(dashboard::run(&args)) {
+        if let Err(e) = result {
+            eprintln!("txbus-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
     }
     if let Some(result) = rt.block_on(commits::run(&args)) {
         if let Err(e) = result {

@@ -269,7 +269,8 @@ pub async fn verify_with(
 }
 
 /// The one walk behind every `verify`: hashes, signatures as `options` say, and `progress`
-/// after every page of [`VERIFY_PAGE`] commits.
+/// after every page of [`VERIFY_PAGE`] commits. The next page is read while this one is
+/// checked, and a page's signatures are checked on a blocking thread beside its hashes.
 pub async fn verify_walk<F>(
     store: &dyn Store,
     options: &VerifyOptions,
@@ -286,9 +287,9 @@ where
         signatures: 0,
         signed_through: None,
     };
+    let mut page = store.read_chain(0, VERIFY_PAGE).await?;
     loop {
-        let page = store.read_chain(expected - 1, VERIFY_PAGE).await?;
-        if page.is_empty() {
+        let Some(last) = page.last().map(|c| c.position) else {
             if options.require_signatures && options.keys.is_some() {
                 let covered = report.signed_through.unwrap_or(0);
                 if covered < expected - 1 {
@@ -296,34 +297,101 @@ where
                 }
             }
             return Ok(report);
-        }
-        for record in page {
+        };
+        // Start reading the next page now: the store works on it while this one is checked.
+        let mut next = store.read_chain(last, VERIFY_PAGE);
+        let started = std::future::Future::poll(
+            next.as_mut(),
+            &mut std::task::Context::from_waker(std::task::Waker::noop()),
+        );
+        let signatures = options
+            .keys
+            .as_ref()
+            .map(|keys| check_signatures(&page, keys));
+        // Hashes, in order: where the first one breaks.
+        let mut hash_broken = None;
+        for record in &page {
             if record.position != expected {
-                report.first_broken = Some((expected, Broken::Gap { expected }));
-                return Ok(report);
+                hash_broken = Some((expected, Broken::Gap { expected }));
+                break;
             }
-            if let Some(broken) = check(&record, &parent) {
-                report.first_broken = Some((record.position, broken));
-                return Ok(report);
-            }
-            if let Some(keys) = &options.keys {
-                if let Some(broken) = check_signature(&record, keys) {
-                    report.first_broken = Some((record.position, broken));
-                    return Ok(report);
-                }
-                if record.signature.is_some() {
-                    report.signatures += 1;
-                    report.signed_through = Some(record.position);
-                }
+            if let Some(broken) = check(record, &parent) {
+                hash_broken = Some((record.position, broken));
+                break;
             }
             parent = record.chain_hash;
-            report.verified += 1;
             expected += 1;
+        }
+        let sig_broken = match signatures {
+            Some(task) => task.await?,
+            None => None,
+        };
+        let first_broken = match (hash_broken, sig_broken) {
+            (Some(h), Some(s)) => Some(if s.0 < h.0 { s } else { h }),
+            (h, s) => h.or(s),
+        };
+        let limit = first_broken.as_ref().map_or(u64::MAX, |b| b.0);
+        for record in page.iter().take_while(|r| r.position < limit) {
+            if options.keys.is_some() && record.signature.is_some() {
+                report.signatures += 1;
+                report.signed_through = Some(record.position);
+            }
+            report.verified += 1;
+        }
+        if first_broken.is_some() {
+            report.first_broken = first_broken;
+            return Ok(report);
         }
         progress(VerifyProgress {
             verified: report.verified,
             position: expected - 1,
         });
+        page = match started {
+            std::task::Poll::Ready(result) => result?,
+            std::task::Poll::Pending => next.await?,
+        };
+    }
+}
+
+/// Checks a page's signatures, on a blocking thread when there is a runtime to run one: the
+/// first commit whose signature fails, if any.
+fn check_signatures(
+    page: &[CommitRecord],
+    keys: &KeyRing,
+) -> impl std::future::Future<Output = Result<Option<(u64, Broken)>, crate::store::Error>> {
+    let signed: Vec<(u64, Hash, crate::signing::CommitSignature)> = page
+        .iter()
+        .filter_map(|r| r.signature.clone().map(|s| (r.position, r.chain_hash, s)))
+        .collect();
+    let keys = keys.clone();
+    let check = move || {
+        signed.into_iter().find_map(|(position, chain, sig)| {
+            match keys.check(position, &chain, &sig) {
+                Ok(()) => None,
+                Err(crate::signing::Error::UnknownKey(key_id)) => {
+                    Some((position, Broken::UnknownKey { key_id }))
+                }
+                Err(_) => Some((
+                    position,
+                    Broken::BadSignature {
+                        key_id: sig.key_id.clone(),
+                    },
+                )),
+            }
+        })
+    };
+    let task = match tokio::runtime::Handle::try_current() {
+        Ok(rt) => Ok(rt.spawn_blocking(check)),
+        Err(_) => Err(check()),
+    };
+    async move {
+        match task {
+            Ok(task) => task.await.map_err(|e| crate::store::Error::Backend {
+                message: "the signature check failed to run".into(),
+                source: Some(Box::new(e)),
+            }),
+            Err(done) => Ok(done),
+        }
     }
 }
 

@@ -621,6 +621,49 @@ impl Tally {
     }
 }
 
+/// The last error of an ordered subscription (a projection, a relay), as its runner records it
+/// in the key–value space under [`runner_error_key`], so that other processes (a dashboard, a
+/// CLI) see it. Removed when the runner succeeds again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RunnerError {
+    /// What failed.
+    pub error: String,
+    /// When it was recorded, ms since the epoch.
+    pub at_ms: i64,
+}
+
+/// The key of the last error of the runner `name` of `kind` (`projection`, `relay`):
+/// `<kind>/<name>/error`, beside its checkpoint `<kind>/<name>/checkpoint`.
+pub fn runner_error_key(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}/error")
+}
+
+/// Records (`Some`) or removes (`None`) the last error of the runner `name` of `kind` in
+/// `bus`'s key–value space (see [`RunnerError`]). Runners call it when their error changes,
+/// not on every retry.
+pub async fn record_runner_error(
+    bus: &crate::Bus,
+    kind: &str,
+    name: &str,
+    error: Option<&str>,
+) -> Result<(), crate::Error> {
+    let key = runner_error_key(kind, name);
+    let write = match error {
+        Some(e) => {
+            let record = RunnerError {
+                error: e.chars().take(4096).collect(),
+                at_ms: crate::time::now_ms(),
+            };
+            let value = serde_json::to_vec(&record).map_err(|e| {
+                crate::Error::Config(format!("a runner error does not serialize: {e}"))
+            })?;
+            crate::KvWrite::put(key, value)
+        }
+        None => crate::KvWrite::delete(key),
+    };
+    bus.kv_write(vec![write]).await.map(|_| ())
+}
+
 /// The minute bucket (its start, ms since the epoch) that holds `at_ms`.
 pub fn minute_of(at_ms: i64) -> i64 {
     at_ms.div_euclid(MINUTE_MS) * MINUTE_MS

@@ -8,8 +8,12 @@
 //!
 //! `txbus-crash pg-worker URL SCHEMA NAME` is a worker process on a shared PostgreSQL store
 //! (see `pg.rs`), for the multi-process tests.
+//!
+//! `txbus-crash soak-load STORE DIR` and `soak-drain STORE DIR` are the crash soak's child
+//! (see `soak.rs`), on SQLite or PostgreSQL.
 
 mod pg;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -165,9 +169,17 @@ fn main() -> Result<(), BoxError> {
             return rt.block_on(pg::worker(url.clone(), schema.clone(), name.clone()));
         }
     }
+    if let [mode, store, dir] = args.as_slice() {
+        let (store, dir) = (store.clone(), PathBuf::from(dir));
+        match mode.as_str() {
+            "soak-load" => return rt.block_on(soak::load(store, dir)),
+            "soak-drain" => return rt.block_on(soak::drain(store, dir)),
+            _ => {}
+        }
+    }
     let (mode, dir) = match args.as_slice() {
         [m, d] => (m.clone(), PathBuf::from(d)),
-        _ => return Err("usage: txbus-crash load|drain DIR | pg-worker URL SCHEMA NAME".into()),
+        _ => return Err("usage: txbus-crash load|drain DIR | pg-worker URL SCHEMA NAME | soak-load|soak-drain STORE DIR".into()),
     };
     match mode.as_str() {
         "load" => rt.block_on(load(dir)),

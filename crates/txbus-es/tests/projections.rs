@@ -342,6 +342,26 @@ async fn a_failing_page_is_retried_and_leaves_nothing_behind() {
     })
     .await;
     assert!(error.contains("outside its prefix"), "{error}");
+    // Other processes see it too: the runner records it beside its checkpoint.
+    let recorded = guard("the recorded error", async {
+        loop {
+            if let Some(e) = store
+                .bus()
+                .kv_get("projection/trespasser/error")
+                .await
+                .unwrap()
+            {
+                break serde_json::from_slice::<txbus_core::inspect::RunnerError>(&e.value)
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        recorded.error.contains("outside its prefix"),
+        "{recorded:?}"
+    );
     assert_eq!(handle.checkpoint(), 0);
     assert!(dump(store.bus(), "rm/").await.is_empty());
 

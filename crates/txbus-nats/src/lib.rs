@@ -45,10 +45,10 @@ mod setup;
 mod source;
 
 pub use error::Error;
-pub use publisher::JetStreamPublisher;
+pub use publisher::{nats_headers, JetStreamPublisher};
 pub use remote::RemoteHandler;
 pub use replier::NatsReplier;
 pub use setup::{ConsumerSpec, StreamSpec};
-pub use source::{JetStreamAcker, JetStreamSource};
+pub use source::{decode_message, JetStreamAcker, JetStreamSource};
 
 pub use async_nats;

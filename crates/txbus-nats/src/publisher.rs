@@ -25,8 +25,11 @@ impl JetStreamPublisher {
     }
 }
 
-/// The NATS headers of a message: the txbus headers and the message id for deduplication.
-pub(crate) fn nats_headers(message: &OutboundMessage) -> HeaderMap {
+/// The NATS headers the publisher sends with a message: the txbus headers (see
+/// [`txbus_relay::wire`]) and the message id for deduplication. Whatever the message's headers
+/// hold, this never panics (header values cannot carry line breaks: such values travel only
+/// inside the JSON header).
+pub fn nats_headers(message: &OutboundMessage) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in wire::headers(message) {
         headers.insert(name, value);

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures_util::StreamExt;
-use txbus_relay::{wire, Acker, Received, Source};
+use txbus_relay::wire::{self, DecodeError};
+use txbus_relay::{Acker, InboundMessage, Received, Source};
 
 use crate::error::Error;
 use crate::setup::ConsumerSpec;
@@ -107,15 +108,7 @@ impl Source for JetStreamSource {
                     .ok()
                     .and_then(|i| u64::try_from(i.delivered).ok());
                 let (message, acker) = message.split();
-                let headers = message.headers.as_ref();
-                let decoded = wire::decode(
-                    |name| {
-                        headers
-                            .and_then(|h| h.get(name))
-                            .map(|v| v.as_str().to_owned())
-                    },
-                    &message.payload,
-                );
+                let decoded = decode_message(message.headers.as_ref(), &message.payload);
                 Ok(Received {
                     message: decoded,
                     delivery_count,
@@ -135,6 +128,23 @@ impl Source for JetStreamSource {
             }
         }
     }
+}
+
+/// Decodes a message as the source does: the txbus headers from its header map (see
+/// [`txbus_relay::wire`]), the payload as JSON. Anything a sender may put on the stream comes
+/// back as a value or a [`DecodeError`], never a panic.
+pub fn decode_message(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<InboundMessage, DecodeError> {
+    wire::decode(
+        |name| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        },
+        payload,
+    )
 }
 
 /// Acknowledges one JetStream delivery.

@@ -56,13 +56,11 @@ pub(crate) async fn kv_scan_at(
         Some(a) if a >= prefix => (a.to_owned(), false),
         _ => (prefix.to_owned(), true),
     };
-    let next = schema.sql(
-        "SELECT key FROM {s}.commit_kv WHERE key > $1 OR ($2 AND key = $1) ORDER BY key LIMIT 1",
-    );
+    let from = schema.sql("SELECT key FROM {s}.commit_kv WHERE key >= $1 ORDER BY key LIMIT 1");
+    let after = schema.sql("SELECT key FROM {s}.commit_kv WHERE key > $1 ORDER BY key LIMIT 1");
     while out.len() < limit {
-        let key: Option<String> = sqlx::query_scalar(&next)
+        let key: Option<String> = sqlx::query_scalar(if inclusive { &from } else { &after })
             .bind(&cursor)
-            .bind(inclusive)
             .fetch_optional(pool)
             .await
             .map_err(db("scanning past keys"))?;
@@ -121,13 +119,15 @@ pub(crate) async fn streams_at(
     let limit = limit.clamp(1, 10_000);
     let mut out = Vec::new();
     let mut cursor = after.map(str::to_owned);
-    let next = schema.sql(
-        "SELECT stream FROM {s}.streams WHERE $1::TEXT IS NULL OR stream > $1
-         ORDER BY stream LIMIT 1",
-    );
+    let first = schema.sql("SELECT stream FROM {s}.streams ORDER BY stream LIMIT 1");
+    let next =
+        schema.sql("SELECT stream FROM {s}.streams WHERE stream > $1 ORDER BY stream LIMIT 1");
     while out.len() < limit {
-        let stream: Option<String> = sqlx::query_scalar(&next)
-            .bind(cursor.as_deref())
+        let query = match &cursor {
+            None => sqlx::query_scalar(&first),
+            Some(after) => sqlx::query_scalar(&next).bind(after.clone()),
+        };
+        let stream: Option<String> = query
             .fetch_optional(pool)
             .await
             .map_err(db("scanning past streams"))?;

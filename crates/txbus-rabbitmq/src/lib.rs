@@ -42,4 +42,4 @@ pub use error::Error;
 /// The AMQP client this crate speaks through.
 pub use lapin;
 pub use publisher::{message_properties, RabbitPublisher};
-pub use source::{RabbitAcker, RabbitSource};
+pub use source::{decode_delivery, delivery_count, RabbitAcker, RabbitSource};

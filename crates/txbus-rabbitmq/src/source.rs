@@ -9,7 +9,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Consumer, ExchangeKind};
-use txbus_relay::{wire, Acker, Received, Source};
+use txbus_relay::wire::{self, DecodeError};
+use txbus_relay::{Acker, InboundMessage, Received, Source};
 
 use crate::error::{short, Error};
 use crate::link::Link;
@@ -165,8 +166,19 @@ fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     }
 }
 
-/// The broker's delivery count, when it keeps one (quorum queues), this delivery included.
-fn delivery_count(headers: Option<&FieldTable>, redelivered: bool) -> Option<u64> {
+/// Decodes a delivery as the source does: the txbus headers from its AMQP headers (text
+/// values; see [`txbus_relay::wire`]), the body as JSON. Anything a publisher may send comes
+/// back as a value or a [`DecodeError`], never a panic.
+pub fn decode_delivery(
+    headers: Option<&FieldTable>,
+    body: &[u8],
+) -> Result<InboundMessage, DecodeError> {
+    wire::decode(|name| header_text(headers, name), body)
+}
+
+/// The broker's delivery count, when it keeps one (quorum queues), this delivery included;
+/// `redelivered` is the delivery's flag of that name.
+pub fn delivery_count(headers: Option<&FieldTable>, redelivered: bool) -> Option<u64> {
     let counted = headers.and_then(|h| match h.inner().get("x-delivery-count")? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
@@ -202,7 +214,7 @@ impl Source for RabbitSource {
         match consumer.next().await {
             Some(Ok(delivery)) => {
                 let headers = delivery.properties.headers().as_ref();
-                let message = wire::decode(|name| header_text(headers, name), &delivery.data);
+                let message = decode_delivery(headers, &delivery.data);
                 Ok(Received {
                     message,
                     delivery_count: delivery_count(headers, delivery.redelivered),

@@ -87,6 +87,18 @@ pub(crate) fn parse_entry(value: &Value) -> Option<StreamEntry> {
     Some(StreamEntry { id, fields })
 }
 
+/// Reads one stream entry (`[id, [field, value, …]]`, as `XREADGROUP` and `XAUTOCLAIM` return
+/// them) and decodes the message it carries, as the source does: `None` when the reply is not
+/// an entry at all, an inner `None` for an entry deleted while pending. Anything a producer
+/// may `XADD` comes back as a value or a [`DecodeError`], never a panic.
+pub fn decode_entry(
+    value: &Value,
+) -> Option<(String, Option<Result<InboundMessage, DecodeError>>)> {
+    let entry = parse_entry(value)?;
+    let message = entry.fields.is_some().then(|| entry.decode());
+    Some((entry.id, message))
+}
+
 /// Parses a list of entries.
 pub(crate) fn parse_entries(value: &Value) -> Option<Vec<StreamEntry>> {
     match value {

@@ -37,7 +37,7 @@ pub mod error;
 pub mod publisher;
 pub mod source;
 
-pub use entry::{entry_fields, PAYLOAD_FIELD};
+pub use entry::{decode_entry, entry_fields, PAYLOAD_FIELD};
 pub use error::Error;
 pub use publisher::RedisPublisher;
 /// The Redis client this crate speaks through.

@@ -324,9 +324,30 @@ struct State {
     failures_in_row: u32,
     reads: u64,
     idle_read: u64,
+    /// The error last recorded in the key–value space, for other processes to see.
+    recorded_error: Option<String>,
 }
 
 impl<P: Publisher> Worker<P> {
+    /// Records the relay's error in the key–value space when it changed (in the background:
+    /// the relay does not wait for it).
+    fn record_error(&self, st: &mut State, error: Option<String>) {
+        if st.recorded_error == error {
+            return;
+        }
+        st.recorded_error = error.clone();
+        let bus = self.bus.clone();
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                txbus_core::inspect::record_runner_error(&bus, "relay", &name, error.as_deref())
+                    .await
+            {
+                tracing::debug!(relay = %name, error = %e, "recording the last error failed");
+            }
+        });
+    }
+
     async fn run(self, checkpoint: Checkpoint, mut stop: watch::Receiver<Option<Duration>>) {
         let mut changes = self.bus.log_changes();
         let mut changes_open = true;
@@ -343,6 +364,7 @@ impl<P: Publisher> Worker<P> {
             failures_in_row: 0,
             reads: 0,
             idle_read: 0,
+            recorded_error: None,
         };
         let mut stop_at: Option<Instant> = None;
         tracing::debug!(relay = %self.name, from = st.read_position, "relay started");
@@ -386,6 +408,9 @@ impl<P: Publisher> Worker<P> {
                             s.published += count as u64;
                             s.last_error = None;
                         });
+                        if st.recorded_error.is_some() {
+                            self.record_error(&mut st, None);
+                        }
                     }
                     Err(e) => self.broker_failed(&mut st, e),
                 },
@@ -544,6 +569,7 @@ impl<P: Publisher> Worker<P> {
         st.failures_in_row = st.failures_in_row.saturating_add(1);
         self.metrics.failed();
         st.retry_at = Some(Instant::now() + self.backoff.delay(st.failures_in_row));
+        self.record_error(st, Some(error.clone()));
         self.status.send_modify(|s| {
             s.failures += 1;
             s.last_error = Some(error);

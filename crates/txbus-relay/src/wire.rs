@@ -76,10 +76,13 @@ pub fn headers(message: &OutboundMessage) -> Vec<(&'static str, String)> {
     }
     out.push((OPERATION_ID, message.operation_id.to_string()));
     out.push((POSITION, message.position.to_string()));
-    if let Some(c) = &message.headers.correlation_id {
+    // Copies for tools that read headers; a value with control characters (a line break
+    // would break a NATS header block) travels only inside the JSON header.
+    let plain = |v: &String| !v.chars().any(char::is_control);
+    if let Some(c) = message.headers.correlation_id.as_ref().filter(|v| plain(v)) {
         out.push((CORRELATION_ID, c.clone()));
     }
-    if let Some(c) = &message.headers.causation_id {
+    if let Some(c) = message.headers.causation_id.as_ref().filter(|v| plain(v)) {
         out.push((CAUSATION_ID, c.clone()));
     }
     if let Some(t) = message.headers.extra.get(TRACEPARENT) {
@@ -192,6 +195,30 @@ mod tests {
         assert_eq!(back.reply_to, None);
         let event = back.to_event();
         assert_eq!(event.id(), m.id);
+    }
+
+    #[test]
+    fn ids_with_line_breaks_travel_only_in_the_json_header() {
+        let mut m = sample();
+        m.headers.correlation_id = Some("a\r\nInjected: yes".into());
+        m.headers.causation_id = Some("b\n".into());
+        let h = headers(&m);
+        // No plain copy that would break a NATS or HTTP-style header block...
+        assert!(
+            h.iter()
+                .all(|(_, v)| !v.contains('\n') && !v.contains('\r')),
+            "{h:?}"
+        );
+        assert!(!h
+            .iter()
+            .any(|(n, _)| *n == CORRELATION_ID || *n == CAUSATION_ID));
+        // ...and the values still arrive whole.
+        let back = decode(
+            |n| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()),
+            &m.payload,
+        )
+        .unwrap();
+        assert_eq!(back.headers, m.headers);
     }
 
     #[test]

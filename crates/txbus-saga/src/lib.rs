@@ -74,7 +74,9 @@ pub use definition::{Saga, SagaBuilder, MAX_NAME_BYTES};
 pub use error::Error;
 pub use id::{SagaId, MAX_SAGA_ID_BYTES};
 pub use record::{SagaEvent, MODULE, SAGA_ID_HEADER};
-pub use runtime::{SagaRuntime, Sagas, SagasBuilder, StartOptions, MAX_CORRELATION_ID_BYTES};
+pub use runtime::{
+    history, list, SagaRuntime, Sagas, SagasBuilder, StartOptions, MAX_CORRELATION_ID_BYTES,
+};
 pub use state::{
     AttemptError, CompensationStatus, Pending, SagaState, SagaStatus, StepState, StepStatus,
 };

@@ -325,59 +325,13 @@ impl SagaRuntime {
         after: Option<&SagaId>,
         limit: usize,
     ) -> Result<Vec<SagaSummary>, Error> {
-        let prefix = keys::status_prefix(status);
-        let after = after.map(|id| keys::status_key(status, id));
-        let entries = self
-            .bus
-            .kv_scan(&prefix, after.as_deref(), limit.min(1000))
-            .await?;
-        let mut out = Vec::with_capacity(entries.len());
-        for entry in entries {
-            match serde_json::from_slice::<SagaSummary>(&entry.value) {
-                Ok(summary) => out.push(summary),
-                Err(e) => {
-                    tracing::warn!(key = %entry.key, error = %e, "unreadable saga status entry skipped")
-                }
-            }
-        }
-        Ok(out)
+        list(&self.bus, status, after, limit).await
     }
 
     /// A saga's history: every change of its stream, in order — step requests, failed
     /// attempts with their errors, completions with outputs, compensations.
     pub async fn history(&self, id: &SagaId) -> Result<Vec<HistoryEntry>, Error> {
-        let stream = id.stream();
-        let mut out = Vec::new();
-        let mut from = 1;
-        loop {
-            let page = self
-                .bus
-                .read_stream(&stream, from, Direction::Forward, 256)
-                .await?;
-            let count = page.len();
-            for e in page {
-                let envelope: Envelope = serde_json::from_value(e.message.payload.clone())
-                    .map_err(|err| Error::Corrupt {
-                        id: id.clone(),
-                        reason: format!("change {} is unreadable: {err}", e.version),
-                    })?;
-                from = e.version + 1;
-                out.push(HistoryEntry {
-                    version: e.version,
-                    at_ms: envelope.at_ms,
-                    message_id: e.message.id,
-                    causation_id: e.message.headers.causation_id.clone(),
-                    event: envelope.event,
-                });
-            }
-            if count < 256 || out.len() >= 100_000 {
-                break;
-            }
-        }
-        if out.is_empty() {
-            return Err(Error::NotFound(id.clone()));
-        }
-        Ok(out)
+        history(&self.bus, id).await
     }
 
     /// Runs the failed compensation of a saga that needs attention again (after someone
@@ -424,4 +378,68 @@ impl SagaRuntime {
             (Driven::Skipped, None) => Err(Error::NotFound(id.clone())),
         }
     }
+}
+
+/// Lists sagas in one status from the status index of `bus`'s store, oldest id first, after
+/// the id `after` (for paging), at most `limit` (capped at 1000). Needs no saga definitions:
+/// a tool (a dashboard, a CLI) reads sagas of any service sharing the store.
+pub async fn list(
+    bus: &Bus,
+    status: SagaStatus,
+    after: Option<&SagaId>,
+    limit: usize,
+) -> Result<Vec<SagaSummary>, Error> {
+    let prefix = keys::status_prefix(status);
+    let after = after.map(|id| keys::status_key(status, id));
+    let entries = bus
+        .kv_scan(&prefix, after.as_deref(), limit.min(1000))
+        .await?;
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match serde_json::from_slice::<SagaSummary>(&entry.value) {
+            Ok(summary) => out.push(summary),
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable saga status entry skipped")
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A saga's history read from `bus`'s store: every change of its stream, in order. Needs no
+/// saga definitions.
+pub async fn history(bus: &Bus, id: &SagaId) -> Result<Vec<HistoryEntry>, Error> {
+    let stream = id.stream();
+    let mut out = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = bus
+            .read_stream(&stream, from, Direction::Forward, 256)
+            .await?;
+        let count = page.len();
+        for e in page {
+            let envelope: Envelope =
+                serde_json::from_value(e.message.payload.clone()).map_err(|err| {
+                    Error::Corrupt {
+                        id: id.clone(),
+                        reason: format!("change {} is unreadable: {err}", e.version),
+                    }
+                })?;
+            from = e.version + 1;
+            out.push(HistoryEntry {
+                version: e.version,
+                at_ms: envelope.at_ms,
+                message_id: e.message.id,
+                causation_id: e.message.headers.causation_id.clone(),
+                event: envelope.event,
+            });
+        }
+        if count < 256 || out.len() >= 100_000 {
+            break;
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::NotFound(id.clone()));
+    }
+    Ok(out)
 }

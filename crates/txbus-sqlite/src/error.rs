@@ -11,6 +11,13 @@ pub(crate) fn sql(doing: &'static str) -> impl Fn(rusqlite::Error) -> Error {
             "sqlite: {doing}: the database file is damaged ({e}); restore it from a backup, \
              or salvage what is readable with the sqlite3 shell's .recover"
         )),
+        Some(ErrorCode::DiskFull) => Error::backend(
+            format!(
+                "sqlite: {doing}: the disk is full; nothing of this call was written, \
+                 free some space and call again"
+            ),
+            e,
+        ),
         _ => Error::backend(format!("sqlite: {doing}"), e),
     }
 }

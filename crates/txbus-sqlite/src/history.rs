@@ -57,16 +57,16 @@ pub(crate) fn kv_scan_at(
     if inclusive {
         cursor = prefix.to_owned();
     }
-    let mut next = c
-        .prepare_cached(
-            "SELECT key FROM commit_kv WHERE key > ?1 OR (?2 = 1 AND key = ?1)
-             ORDER BY key LIMIT 1",
-        )
-        .map_err(sql("preparing a past key scan"))?;
     while out.len() < limit {
-        let key: Option<String> = next
-            .query_row(params![cursor, i64::from(inclusive)], |r| r.get(0))
-            .optional()
+        // Two plain range conditions, so that each step is one seek in the key index.
+        let sql_text = if inclusive {
+            "SELECT key FROM commit_kv WHERE key >= ?1 ORDER BY key LIMIT 1"
+        } else {
+            "SELECT key FROM commit_kv WHERE key > ?1 ORDER BY key LIMIT 1"
+        };
+        let key: Option<String> = c
+            .prepare_cached(sql_text)
+            .and_then(|mut s| s.query_row(params![cursor], |r| r.get(0)).optional())
             .map_err(sql("scanning past keys"))?;
         let Some(key) = key.filter(|k| k.starts_with(prefix)) else {
             break;
@@ -113,16 +113,19 @@ pub(crate) fn streams_at(
     let limit = limit.clamp(1, 10_000);
     let mut out = Vec::new();
     let mut cursor = after.map(str::to_owned);
-    let mut next = c
-        .prepare_cached(
-            "SELECT stream FROM streams WHERE ?1 IS NULL OR stream > ?1 ORDER BY stream LIMIT 1",
-        )
-        .map_err(sql("preparing a past stream scan"))?;
     while out.len() < limit {
-        let stream: Option<String> = next
-            .query_row(params![cursor], |r| r.get(0))
-            .optional()
-            .map_err(sql("scanning past streams"))?;
+        // A plain range condition, so that each step is one seek in the stream index.
+        let stream: Option<String> = match &cursor {
+            None => c
+                .prepare_cached("SELECT stream FROM streams ORDER BY stream LIMIT 1")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)).optional()),
+            Some(after) => c
+                .prepare_cached(
+                    "SELECT stream FROM streams WHERE stream > ?1 ORDER BY stream LIMIT 1",
+                )
+                .and_then(|mut s| s.query_row(params![after], |r| r.get(0)).optional()),
+        }
+        .map_err(sql("scanning past streams"))?;
         let Some(stream) = stream else { break };
         let v = stream_version_at(c, &stream, position)?;
         if v > 0 {

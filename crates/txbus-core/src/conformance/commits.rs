@@ -712,7 +712,23 @@ pub async fn encrypted_fields_are_stored_sealed_and_handed_to_handlers_plain(h: 
     )])
     .await
     .unwrap();
-    let log = log_of(&store, 4).await;
+    // Wait for the second user.created itself: on a store that seals after the commit, the
+    // log may already hold four commits (system ones among them) before it is sealed.
+    let log = within(async {
+        loop {
+            let log = log_of(&store, 4).await;
+            let users = log
+                .iter()
+                .flat_map(|c| &c.messages)
+                .filter(|m| m.event_type == "user.created")
+                .count();
+            if users >= 2 {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let users: Vec<_> = log
         .iter()
         .flat_map(|c| &c.messages)

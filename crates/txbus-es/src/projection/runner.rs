@@ -191,6 +191,7 @@ impl Projector {
             stop: stop_rx,
             shared: Arc::clone(&shared),
             metrics: super::metrics::ProjectionMetrics::new(&self.name),
+            recorded_error: None,
         };
         tracing::info!(projection = %self.name, checkpoint = cp.position, "projection starting");
         let task = tokio::spawn(runner.run());
@@ -262,9 +263,31 @@ struct Runner {
     stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
     metrics: super::metrics::ProjectionMetrics,
+    /// The error last recorded in the key–value space, for other processes to see.
+    recorded_error: Option<String>,
 }
 
 impl Runner {
+    /// Records the runner's error in the key–value space when it changed.
+    async fn record_error(&mut self, error: Option<String>) {
+        if self.recorded_error == error {
+            return;
+        }
+        match txbus_core::inspect::record_runner_error(
+            self.store.bus(),
+            "projection",
+            &self.name,
+            error.as_deref(),
+        )
+        .await
+        {
+            Ok(()) => self.recorded_error = error,
+            Err(e) => {
+                tracing::debug!(projection = %self.name, error = %e, "recording the last error failed")
+            }
+        }
+    }
+
     async fn run(mut self) {
         let mut log = self.store.bus().log_changes();
         let mut log_open = true;
@@ -292,6 +315,9 @@ impl Runner {
                     recheck = None;
                     announced = false;
                     self.shared.set_error(None);
+                    if self.recorded_error.is_some() {
+                        self.record_error(None).await;
+                    }
                     continue;
                 }
                 Ok(Step::Idle) => {
@@ -347,6 +373,7 @@ impl Runner {
         let conflict = matches!(&failure, Failure::Store(Error::Conflict(_)));
         let error = failure.into_error(&self.name);
         self.shared.set_error(Some(error.to_string()));
+        self.record_error(Some(error.to_string())).await;
         if conflict {
             // Someone else moved the checkpoint (another runner of this projection, or a
             // rebuild elsewhere): go on from where it is now.

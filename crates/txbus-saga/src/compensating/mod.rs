@@ -565,3 +565,62 @@ impl CompensatingBus {
         }
     }
 }
+
+/// What a store holds about the compensations of one operation, for inspection (a dashboard,
+/// a CLI): the successes registered to be undone, and the run that undid them, if any.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct CompensationView {
+    /// Successes registered and not yet taken by a run.
+    pub registered: Vec<Registered>,
+    /// The operation's main compensation run, once requested.
+    pub run: Option<RunView>,
+}
+
+/// The main compensation run of a failed operation.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RunView {
+    /// True once it ended.
+    pub finished: bool,
+    /// What it compensates, in the order it does.
+    pub records: Vec<Registered>,
+    /// What it compensated.
+    pub compensated: Vec<Registered>,
+    /// A compensation that failed for good.
+    pub failed: Option<CompensationFailure>,
+}
+
+/// Reads the compensation records of operation `op` from `bus`'s store; `None` when the
+/// operation registered nothing to undo (or its records expired).
+pub async fn compensations_of(
+    bus: &Bus,
+    op: OperationId,
+) -> Result<Option<CompensationView>, Error> {
+    let mut registered = Vec::new();
+    for entry in bus.kv_scan(&record::record_prefix(op), None, 1000).await? {
+        match serde_json::from_slice::<Registered>(&entry.value) {
+            Ok(r) => registered.push(r),
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable compensation registration skipped")
+            }
+        }
+    }
+    let run = match bus.kv_get(&record::run_key(op)).await? {
+        Some(entry) => match serde_json::from_slice::<RunState>(&entry.value) {
+            Ok(state) => Some(RunView {
+                finished: state.finished,
+                records: state.records,
+                compensated: state.compensated,
+                failed: state.failed,
+            }),
+            Err(e) => {
+                tracing::warn!(key = %entry.key, error = %e, "unreadable compensation run skipped");
+                None
+            }
+        },
+        None => None,
+    };
+    if registered.is_empty() && run.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(CompensationView { registered, run }))
+}

@@ -6,7 +6,8 @@
 //! - `POST /users` `{"email": "..."}` → 200 `{user_id, operation_id}` when every handler succeeded
 //!   within `wait`; 202 `{operation_id, user_id, status_url}` when the outcome is not known yet
 //!   (a `wait` of zero always answers 202); 500 `{operation_id, error}` when a handler failed;
-//!   400 for a bad body.
+//!   400 for a bad body, 415 when it is not sent as `application/json`, 413 above
+//!   [`MAX_BODY_BYTES`].
 //! - `GET /operations/{id}` → where the operation stands (pending or finished), 404 if unknown.
 //! - `GET /operations/{id}/events` → server-sent events: one `outcome` event when it finishes.
 //! - `GET /users/{id}` → the user row written by the `user-writer` handler.
@@ -17,8 +18,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,6 +31,9 @@ use serde_json::json;
 use txbus::{
     Backoff, Bus, Error as BusError, Event, HandlerError, Message, On, OperationId, SqliteStore,
 };
+
+/// The largest request body accepted (16 KiB).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// The error type of setup.
 pub type BoxError = Box<dyn Error + Send + Sync>;
@@ -78,6 +83,9 @@ pub async fn build(data_dir: &Path, wait: Duration) -> Result<(Router, Bus), Box
         .route("/users/{id}", get(get_user))
         .route("/operations/{id}", get(get_operation))
         .route("/operations/{id}/events", get(operation_events))
+        // A registration is a few hundred bytes: anything above this is refused with 413
+        // before it is read into memory.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState {
             bus: bus.clone(),
             db,
@@ -167,8 +175,23 @@ struct RegisterRequest {
     email: String,
 }
 
-async fn register(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+async fn register(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let bad = |reason: String| ApiError(StatusCode::BAD_REQUEST, reason);
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json_body {
+        return Err(ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be sent as content-type: application/json".to_owned(),
+        ));
+    }
     let request: RegisterRequest = serde_json::from_slice(&body).map_err(|e| {
         bad(format!(
             r#"the body must be JSON like {{"email": "a@example.com"}}: {e}"#
