@@ -24,7 +24,11 @@ async fn operations_of(store: &dyn Store, event_type: &str) -> Vec<OperationId> 
         .await
         .unwrap()
         .into_iter()
-        .filter(|c| c.messages.first().is_some_and(|m| m.event_type == event_type))
+        .filter(|c| {
+            c.messages
+                .first()
+                .is_some_and(|m| m.event_type == event_type)
+        })
         .map(|c| c.operation_id)
         .collect()
 }
@@ -70,12 +74,16 @@ async fn a_store_written_by_schema_version_5_migrates_and_loses_nothing() {
     let bus = Bus::builder()
         .shared_store(Arc::clone(&store))
         .max_retries(0)
-        .handler("ok", On::event("order.placed"), |_m: Message| async { Ok(()) })
+        .handler("ok", On::event("order.placed"), |_m: Message| async {
+            Ok(())
+        })
         .handler("fails", On::event("order.bad"), |_m: Message| async {
             Err(HandlerError::reject("bad order"))
         })
         // The service it needed is back: a replay of the dead letter succeeds.
-        .handler("dead", On::event("order.flaky"), |_m: Message| async { Ok(()) })
+        .handler("dead", On::event("order.flaky"), |_m: Message| async {
+            Ok(())
+        })
         .handler("later", On::event("later.event"), move |m: Message| {
             let ran = Arc::clone(&later);
             async move {
@@ -147,7 +155,11 @@ async fn a_store_written_by_schema_version_5_migrates_and_loses_nothing() {
 
     // Streams and keys are where the old version left them.
     assert_eq!(bus.stream_version("order-1").await.unwrap(), 1);
-    let snapshot = bus.kv_get("snapshot/order-1").await.unwrap().expect("the key");
+    let snapshot = bus
+        .kv_get("snapshot/order-1")
+        .await
+        .unwrap()
+        .expect("the key");
     assert_eq!(snapshot.value, b"v1");
 
     let after = bus.stats().await.unwrap();
