@@ -151,6 +151,7 @@ async fn fill(store: &Arc<dyn Store>, count: u64) -> Result<(), BoxError> {
                         lease_to: None,
                         streams: Vec::new(),
                         kv: Vec::new(),
+                        acks: Vec::new(),
                     })
                     .await?;
                 n += writers;

@@ -1,8 +1,11 @@
 //! A commit to hand to [`crate::Bus::commit`]: events, some of them appended to streams with
 //! an expected version, and key–value writes — all atomic.
 
+use std::sync::Arc;
+
+use crate::ack::AckSlot;
 use crate::kv::KvWrite;
-use crate::message::{Event, OperationId};
+use crate::message::{Event, Message, OperationId};
 use crate::stream::ExpectedVersion;
 
 /// Events and conditions committed together: all or none.
@@ -26,6 +29,12 @@ pub struct Commit {
     pub(crate) kv: Vec<KvWrite>,
     /// A caller-chosen operation id; a new one is generated when `None`.
     pub(crate) operation_id: Option<OperationId>,
+    /// Deliveries whose success this commit records (see [`Commit::acknowledging`]).
+    pub(crate) acks: Vec<Arc<AckSlot>>,
+    /// Messages handed to [`Commit::acknowledging`] that no bus delivered (built by hand):
+    /// there is nothing to acknowledge, and the commit is refused rather than silently
+    /// acknowledging nothing.
+    pub(crate) unackable: usize,
 }
 
 impl Commit {
@@ -73,6 +82,30 @@ impl Commit {
     /// It must be new: a commit under an id the store already holds fails and writes nothing.
     pub fn operation_id(mut self, id: OperationId) -> Self {
         self.operation_id = Some(id);
+        self
+    }
+
+    /// Records, in this commit, that the handler handling `msg` succeeded: the store writes
+    /// the delivery's acknowledgement in the same transaction as the commit, so a handler whose
+    /// work is this commit (a saga step, a command's save, a checkpoint) costs one durable write
+    /// instead of two, and the bus does not acknowledge the delivery again when the handler
+    /// returns.
+    ///
+    /// The commit is fenced by the attempt's lease: if another worker took the delivery over
+    /// meanwhile (or it was acknowledged already), the commit fails with
+    /// [`crate::Conflict::Lease`] and writes nothing. Once the commit is durable the delivery
+    /// has succeeded, whatever the handler returns afterwards. Only a commit made through the
+    /// bus that delivered `msg` may carry it; one made elsewhere, or with a message built by
+    /// hand, fails with [`crate::Error::InvalidCommit`].
+    pub fn acknowledging(mut self, msg: &Message) -> Self {
+        match msg.ack_slot() {
+            Some(slot) => {
+                if !self.acks.iter().any(|a| Arc::ptr_eq(a, slot)) {
+                    self.acks.push(Arc::clone(slot));
+                }
+            }
+            None => self.unackable += 1,
+        }
         self
     }
 

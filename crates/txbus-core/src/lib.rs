@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ack;
 pub mod algebra;
 pub mod batch;
 pub mod bus;

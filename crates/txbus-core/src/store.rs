@@ -174,6 +174,12 @@ pub struct NewCommit {
     /// Key–value writes committed atomically with the commit (checkpoints, dedupe marks,
     /// indexes); a condition that fails makes the whole append fail with [`Error::Conflict`].
     pub kv: Vec<KvWrite>,
+    /// Acknowledgements (results [`DeliveryResult::Succeeded`]) of deliveries whose handler
+    /// made this commit: the store applies them in the same transaction, exactly as
+    /// [`Store::complete`] would, after the commit's own rows. Every one must still hold its
+    /// lease (its fence is current and it is leased): otherwise the append fails with
+    /// [`Conflict::Lease`] and nothing is written.
+    pub acks: Vec<Completion>,
 }
 
 /// What an append returns once the commit is durable.
@@ -189,6 +195,9 @@ pub struct AppendReceipt {
     pub chain_hash: Option<Hash>,
     /// Set when the commit had no deliveries: the operation is finished at once.
     pub finished: Option<Outcome>,
+    /// What each of [`NewCommit::acks`] did, in order: always
+    /// [`CompletionEffect::Applied`], with the outcome of the operation it finished.
+    pub acked: Vec<CompletionEffect>,
 }
 
 /// A delivery leased by [`Store::claim`].

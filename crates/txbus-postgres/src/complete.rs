@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use sqlx::PgConnection;
-use txbus_core::store::{Completion, CompletionEffect, DeliveryResult, Error};
+use txbus_core::store::{Completion, CompletionEffect, Conflict, DeliveryResult, Error};
 use txbus_core::{OperationId, Outcome};
 
 use crate::error::db;
@@ -105,6 +105,33 @@ async fn apply_round(
         retry(conn, schema, flat, &retried, now, effects).await?;
     }
     Ok(())
+}
+
+/// Checks (and locks until the transaction ends) that every completion's attempt still holds
+/// its lease: the conflict that refuses a commit carrying `acks` when one does not.
+pub(crate) async fn check_leases(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    acks: &[Completion],
+) -> Result<Option<Conflict>, Error> {
+    if acks.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<i64> = acks.iter().map(|a| a.delivery_id).collect();
+    let held: Vec<(i64, i64)> = sqlx::query_as(&schema.sql(
+        "SELECT id, fence FROM {s}.deliveries WHERE id = ANY($1) AND status = 1
+         ORDER BY id FOR UPDATE",
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("checking leases"))?;
+    Ok(acks
+        .iter()
+        .find(|a| !held.contains(&(a.delivery_id, a.fence)))
+        .map(|a| Conflict::Lease {
+            delivery_id: a.delivery_id,
+        }))
 }
 
 /// Completion index by delivery id, for mapping returned rows back.

@@ -142,6 +142,9 @@ pub(crate) async fn record_batch(
             (Op::Complete(completions), Some(Out::Complete(effects))) => {
                 tally.completions(completions, effects);
             }
+            (Op::Append(commit, _), Some(Out::Append(receipt))) => {
+                tally.completions(&commit.acks, &receipt.acked);
+            }
             (Op::Inspect(_), Some(Out::Acted(acted))) => {
                 for (_, handler) in &acted.done {
                     tally.dead_removed(handler, 1);

@@ -282,10 +282,20 @@ async fn apply(
     let mut work = false;
     let mut finished: Vec<String> = Vec::new();
 
+    // Commits that acknowledge deliveries hold only while those leases are theirs: check
+    // (and lock) them first, so that a stale one refuses its commit before anything is written.
+    for (i, r) in batch.iter().enumerate() {
+        if let Op::Append(c, _) = &r.op {
+            if let Some(conflict) = crate::complete::check_leases(conn, schema, &c.acks).await? {
+                outs[i] = Some(Out::Conflict(conflict));
+            }
+        }
+    }
     let (at, writes): (Vec<usize>, Vec<Write<'_>>) = batch
         .iter()
         .enumerate()
         .filter_map(|(i, r)| match &r.op {
+            Op::Append(..) if outs[i].is_some() => None,
             Op::Append(c, hash) => Some((i, Write::Commit(c, hash))),
             Op::Kv(w) => Some((i, Write::Kv(w))),
             _ => None,
@@ -307,11 +317,15 @@ async fn apply(
         }
     }
 
+    // Completions, and the acknowledgements carried by the commits just written.
     let (at, lists): (Vec<usize>, Vec<&[Completion]>) = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| match &r.op {
-            Op::Complete(c) => Some((i, c.as_slice())),
+        .filter_map(|(i, r)| match (&r.op, &outs[i]) {
+            (Op::Complete(c), _) => Some((i, c.as_slice())),
+            (Op::Append(c, _), Some(Out::Append(_))) if !c.acks.is_empty() => {
+                Some((i, c.acks.as_slice()))
+            }
             _ => None,
         })
         .unzip();
@@ -319,7 +333,17 @@ async fn apply(
         let done = complete_all(conn, schema, &lists, now).await?;
         finished.extend(done.finished.iter().map(|op| op.to_string()));
         for (i, effects) in at.into_iter().zip(done.effects) {
-            outs[i] = Some(Out::Complete(effects));
+            match &mut outs[i] {
+                Some(Out::Append(receipt)) => {
+                    if effects.contains(&CompletionEffect::Stale) {
+                        return Err(Error::Corrupt(
+                            "an acknowledgement checked as current did not apply".into(),
+                        ));
+                    }
+                    receipt.acked = effects;
+                }
+                slot => *slot = Some(Out::Complete(effects)),
+            }
         }
     }
 

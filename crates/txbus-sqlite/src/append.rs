@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Transaction};
 use txbus_core::chain;
-use txbus_core::store::{AppendReceipt, Error, LogMessage, NewCommit};
+use txbus_core::store::{AppendReceipt, CompletionEffect, Error, LogMessage, NewCommit};
 use txbus_core::Outcome;
 
 use crate::error::sql;
@@ -19,6 +19,7 @@ pub(crate) fn append(
     // commit and not the group commit around it.
     let stream_versions = crate::stream::check(tx, &c.streams)?;
     let kv_versions = crate::kv::check(tx, &c.kv, now)?;
+    crate::complete::check_leases(tx, &c.acks)?;
     let position = state.position + 1;
     let data = chain::data_hash(
         &c.operation_id.0,
@@ -110,6 +111,14 @@ pub(crate) fn append(
     }
     state.position = position;
     state.chain = chain_hash;
+    // The handler's acknowledgements ride in the same transaction; their leases were checked
+    // above and nothing else writes between, so each applies.
+    let acked = crate::complete::complete(tx, state, &c.acks, now)?;
+    if acked.contains(&CompletionEffect::Stale) {
+        return Err(Error::Corrupt(
+            "an acknowledgement checked as current did not apply".into(),
+        ));
+    }
     Ok(AppendReceipt {
         commit_id: position,
         delivery_ids,
@@ -119,5 +128,6 @@ pub(crate) fn append(
             error: None,
             finished_at_ms: now,
         }),
+        acked,
     })
 }

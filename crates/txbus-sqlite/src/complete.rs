@@ -1,7 +1,7 @@
 //! Recording attempts: success, retry or failure, fenced, and the operation's outcome.
 
 use rusqlite::{params, OptionalExtension, Transaction};
-use txbus_core::store::{Completion, CompletionEffect, DeliveryResult, Error};
+use txbus_core::store::{Completion, CompletionEffect, Conflict, DeliveryResult, Error};
 use txbus_core::{Failure, Outcome};
 
 use crate::error::sql;
@@ -97,6 +97,24 @@ pub(crate) fn complete(
         effects.push(effect);
     }
     Ok(effects)
+}
+
+/// Checks, without writing, that every completion's attempt still holds its lease: a commit
+/// that carries acknowledgements is refused with [`Conflict::Lease`] before it writes anything
+/// when one does not.
+pub(crate) fn check_leases(tx: &Transaction<'_>, completions: &[Completion]) -> Result<(), Error> {
+    for c in completions {
+        let current = tx
+            .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1 AND fence = ?2 AND status = 1")
+            .and_then(|mut s| s.exists(params![c.delivery_id, c.fence]))
+            .map_err(sql("checking a lease"))?;
+        if !current {
+            return Err(Error::Conflict(Conflict::Lease {
+                delivery_id: c.delivery_id,
+            }));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn fail_operation(

@@ -126,6 +126,9 @@ pub(crate) fn record_batch(
             (Op::Complete(completions), Ok(Out::Complete(effects))) => {
                 tally.completions(completions, effects);
             }
+            (Op::Append(commit), Ok(Out::Append(receipt))) => {
+                tally.completions(&commit.acks, &receipt.acked);
+            }
             (Op::Inspect(_), Ok(Out::Acted(acted))) => {
                 for (_, handler) in &acted.done {
                     tally.dead_removed(handler, 1);
