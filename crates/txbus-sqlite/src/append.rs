@@ -6,6 +6,7 @@ use txbus_core::store::{AppendReceipt, CompletionEffect, Error, LogMessage, NewC
 use txbus_core::Outcome;
 
 use crate::error::sql;
+use crate::inline;
 use crate::schema::{op_status, status};
 use crate::writer::State;
 
@@ -33,10 +34,29 @@ pub(crate) fn append(
     let finished = remaining == 0;
     let pos =
         i64::try_from(position).map_err(|_| Error::Corrupt("log position overflow".into()))?;
+    // The deliveries take consecutive ids; those leased to the committing bus stay on the
+    // commit row (see `inline`), the others get rows below.
+    let first_delivery = state.next_delivery_id;
+    let mut entries = Vec::new();
+    let mut open = 0i64;
+    if c.lease_to.is_some() {
+        for (k, d) in c.deliveries.iter().enumerate().take(inline::MAX_INLINE) {
+            if d.leased {
+                let offset = k as u32;
+                open |= inline::bit(offset);
+                entries.push(inline::Entry {
+                    offset,
+                    idx: d.message_index,
+                    handler: d.handler.to_string(),
+                });
+            }
+        }
+    }
     tx.prepare_cached(
         "INSERT INTO commits (position, op_id, kind, created_at, message_count, data_hash, chain_hash,
-                              op_status, op_remaining, op_finished_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                              op_status, op_remaining, op_finished_at, first_delivery,
+                              delivery_count, inline, inline_open, inline_owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -50,6 +70,14 @@ pub(crate) fn append(
             if finished { op_status::SUCCEEDED } else { op_status::PENDING },
             remaining as i64,
             finished.then_some(now),
+            (!finished).then_some(first_delivery),
+            remaining as i64,
+            (!entries.is_empty()).then(|| inline::encode(&entries)),
+            open,
+            c.lease_to
+                .as_ref()
+                .filter(|_| open != 0)
+                .map(|o| o.as_bytes().as_slice()),
         ])
     })
     .map_err(sql("inserting a commit"))?;
@@ -80,21 +108,23 @@ pub(crate) fn append(
         crate::kv::apply(tx, &c.kv, &kv_versions, now)?;
         crate::commit_meta::insert_kv(tx, pos, c.created_at_ms, &c.kv)?;
     }
-    let mut delivery_ids = Vec::with_capacity(c.deliveries.len());
-    if !c.deliveries.is_empty() {
+    let delivery_ids: Vec<i64> = (first_delivery..).take(c.deliveries.len()).collect();
+    state.next_delivery_id += c.deliveries.len() as i64;
+    if entries.len() < c.deliveries.len() {
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO deliveries (id, position, idx, handler, status, attempts, fence, owner, next_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?8)",
             )
             .map_err(sql("preparing a delivery insert"))?;
-        for d in &c.deliveries {
+        for (k, (d, &id)) in c.deliveries.iter().zip(&delivery_ids).enumerate() {
+            if k < inline::MAX_INLINE && open & inline::bit(k as u32) != 0 {
+                continue;
+            }
             let (st, fence, owner) = match &c.lease_to {
                 Some(owner) if d.leased => (status::LEASED, 1, Some(owner.as_bytes().as_slice())),
                 _ => (status::PENDING, 0, None),
             };
-            let id = state.next_delivery_id;
-            state.next_delivery_id += 1;
             stmt.execute(params![
                 id,
                 pos,
@@ -106,7 +136,6 @@ pub(crate) fn append(
                 now
             ])
             .map_err(sql("inserting a delivery"))?;
-            delivery_ids.push(id);
         }
     }
     state.position = position;

@@ -5,6 +5,7 @@ use txbus_core::store::{Completion, CompletionEffect, Conflict, DeliveryResult, 
 use txbus_core::{Failure, Outcome};
 
 use crate::error::sql;
+use crate::inline;
 use crate::row::op_id;
 use crate::schema::{op_status, status};
 use crate::writer::State;
@@ -18,6 +19,18 @@ pub(crate) fn complete(
     let mut effects = Vec::with_capacity(completions.len());
     for c in completions {
         let pos = i64::try_from(c.commit_id).unwrap_or(i64::MAX);
+        // A delivery still open on its commit row holds its first lease (fence 1). Its
+        // success is one update of that row; anything else gives it its row first.
+        if c.fence == 1 {
+            if let DeliveryResult::Succeeded = c.result {
+                if let Some(effect) = succeed_inline(tx, state, c, pos, now)? {
+                    effects.push(effect);
+                    continue;
+                }
+            } else {
+                inline::materialize_one(tx, pos, c.delivery_id, now)?;
+            }
+        }
         let effect = match &c.result {
             DeliveryResult::Succeeded => {
                 // Below the retention floor the row is already past retention: remove it.
@@ -99,15 +112,77 @@ pub(crate) fn complete(
     Ok(effects)
 }
 
+/// Records the success of a delivery that is open on its commit row: clears its open bit,
+/// keeps it as succeeded (unless that is already past retention), and counts it off its
+/// operation — one row, one statement. `None` when it is not open there.
+fn succeed_inline(
+    tx: &Transaction<'_>,
+    state: &State,
+    c: &Completion,
+    pos: i64,
+    now: i64,
+) -> Result<Option<CompletionEffect>, Error> {
+    // Every expression reads the row as it was before the update.
+    let row: Option<(i64, i64, Vec<u8>)> = tx
+        .prepare_cached(
+            "UPDATE commits SET
+                 inline_open = inline_open & ~(1 << (?2 - first_delivery)),
+                 inline_done = CASE WHEN ?4 THEN inline_done
+                                    ELSE inline_done | (1 << (?2 - first_delivery)) END,
+                 op_remaining = CASE WHEN op_status = 0 THEN op_remaining - 1 ELSE op_remaining END,
+                 op_status = CASE WHEN op_status != 0 THEN op_status WHEN op_remaining > 1 THEN 0
+                                  WHEN ?5 THEN 3 ELSE 1 END,
+                 op_finished_at = CASE WHEN op_status = 0 AND op_remaining <= 1 THEN ?3
+                                       ELSE op_finished_at END
+             WHERE position = ?1 AND ?2 >= first_delivery AND ?2 - first_delivery < ?6
+               AND (inline_open >> (?2 - first_delivery)) & 1 = 1
+             RETURNING op_status, op_remaining, op_id",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    pos,
+                    c.delivery_id,
+                    now,
+                    pos < state.succeeded_floor_pos,
+                    pos < state.outcome_floor,
+                    inline::MAX_INLINE as i64
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+        })
+        .map_err(sql("recording a success"))?;
+    let Some((st, remaining, id)) = row else {
+        return Ok(None);
+    };
+    // An open delivery keeps its operation's count above zero unless the operation failed
+    // (then the count stays): reaching zero now means this success finished it.
+    let finished = remaining == 0 && (st == op_status::SUCCEEDED || st == op_status::PRUNED);
+    Ok(Some(CompletionEffect::Applied(if finished {
+        Some(Outcome {
+            operation_id: op_id(&id)?,
+            error: None,
+            finished_at_ms: now,
+        })
+    } else {
+        None
+    })))
+}
+
 /// Checks, without writing, that every completion's attempt still holds its lease: a commit
 /// that carries acknowledgements is refused with [`Conflict::Lease`] before it writes anything
 /// when one does not.
 pub(crate) fn check_leases(tx: &Transaction<'_>, completions: &[Completion]) -> Result<(), Error> {
     for c in completions {
-        let current = tx
-            .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1 AND fence = ?2 AND status = 1")
-            .and_then(|mut s| s.exists(params![c.delivery_id, c.fence]))
-            .map_err(sql("checking a lease"))?;
+        let pos = i64::try_from(c.commit_id).unwrap_or(i64::MAX);
+        let current = (c.fence == 1 && inline::is_open(tx, pos, c.delivery_id)?)
+            || tx
+                .prepare_cached(
+                    "SELECT 1 FROM deliveries WHERE id = ?1 AND fence = ?2 AND status = 1",
+                )
+                .and_then(|mut s| s.exists(params![c.delivery_id, c.fence]))
+                .map_err(sql("checking a lease"))?;
         if !current {
             return Err(Error::Conflict(Conflict::Lease {
                 delivery_id: c.delivery_id,

@@ -21,6 +21,7 @@ mod commit_meta;
 mod complete;
 mod error;
 mod history;
+mod inline;
 mod inspect;
 mod kv;
 mod lock;
@@ -171,7 +172,22 @@ impl SqliteStore {
         configure(&conn, &options)?;
         schema::migrate(&mut conn)?;
         // Every lease in the file belongs to a process that no longer holds the lock: free
-        // them all now (one scan at open) rather than look for them on every claim.
+        // them all now (one scan at open) rather than look for them on every claim. Those
+        // kept on commit rows get their rows first.
+        {
+            let tx = conn
+                .transaction()
+                .map_err(sql("starting the recovery of leases"))?;
+            let n = inline::materialize_owner(&tx, None, writer::now_ms())?;
+            tx.commit()
+                .map_err(sql("committing the recovery of leases"))?;
+            if n > 0 {
+                tracing::info!(
+                    count = n,
+                    "recovered deliveries leased by a process that stopped"
+                );
+            }
+        }
         conn.execute_batch(
             "UPDATE deliveries SET status = 0, owner = NULL, interruptions = interruptions + 1
              WHERE status = 1;

@@ -64,8 +64,10 @@ pub(crate) struct State {
     pub(crate) chain: Hash,
     /// The next delivery id.
     pub(crate) next_delivery_id: i64,
-    /// Succeeded deliveries below this id are past retention (see `prune`).
+    /// Succeeded delivery rows below this id are past retention (see `prune`).
     pub(crate) succeeded_floor: i64,
+    /// Succeeded deliveries kept on commit rows below this position are past retention.
+    pub(crate) succeeded_floor_pos: i64,
     /// Outcomes of commits below this position are past retention.
     pub(crate) outcome_floor: i64,
 }
@@ -104,10 +106,16 @@ impl Writer {
             }
             None => (0, chain::GENESIS),
         };
+        // Ids are taken by commits whether or not their deliveries have rows.
         let max_id: i64 = conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM deliveries", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT MAX(COALESCE((SELECT MAX(id) FROM deliveries), 0),
+                            COALESCE((SELECT first_delivery + delivery_count - 1 FROM commits
+                                      WHERE first_delivery IS NOT NULL
+                                      ORDER BY position DESC LIMIT 1), 0))",
+                [],
+                |r| r.get(0),
+            )
             .map_err(sql("reading the last delivery id"))?;
         // Retention floors start at the oldest row still there, so that pruning never walks
         // ranges that are long gone.
@@ -118,6 +126,15 @@ impl Writer {
                 |r| r.get(0),
             )
             .map_err(sql("reading the first delivery id"))?;
+        let succeeded_floor_pos: i64 = conn
+            .query_row(
+                "SELECT COALESCE(MIN(position), ?1) FROM commits WHERE inline_done != 0",
+                [i64::try_from(position)
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(1)],
+                |r| r.get(0),
+            )
+            .map_err(sql("reading the first succeeded inline delivery"))?;
         let outcome_floor: i64 = conn
             .query_row(
                 "SELECT COALESCE(MIN(position), ?1) FROM commits WHERE op_status IN (0, 1, 2)",
@@ -135,6 +152,7 @@ impl Writer {
                 chain,
                 next_delivery_id: max_id + 1,
                 succeeded_floor,
+                succeeded_floor_pos,
                 outcome_floor,
             },
             max_batch: max_batch.max(1),
@@ -247,6 +265,7 @@ impl Writer {
                     Out::Unit
                 }
                 Op::Release(owner) => {
+                    crate::inline::materialize_owner(&tx, Some(owner), now)?;
                     let n = tx
                         .prepare_cached(
                             "UPDATE deliveries SET status = 0, owner = NULL, updated_at = ?2
