@@ -258,6 +258,7 @@ impl Bus {
         Ok(Version {
             store: Arc::clone(&self.engine.store),
             position,
+            max_examined: crate::past_page::MAX_EXAMINED,
         })
     }
 

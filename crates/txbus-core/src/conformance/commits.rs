@@ -300,7 +300,7 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
     let v0 = bus.state_at(0).await.unwrap();
     assert_eq!(v0.kv_get("cart/a").await.unwrap(), None);
     assert_eq!(v0.stream_version("order-1").await.unwrap(), 0);
-    assert!(v0.streams(None, 10).await.unwrap().is_empty());
+    assert!(v0.streams(None, 10).await.unwrap().items.is_empty());
 
     let v1 = bus.state_at(1).await.unwrap();
     let a = v1.kv_get("cart/a").await.unwrap().unwrap();
@@ -315,6 +315,7 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
         .kv_scan("cart/", None, 10)
         .await
         .unwrap()
+        .items
         .into_iter()
         .map(|v| (v.key, v.value))
         .collect();
@@ -326,21 +327,21 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
         ]
     );
     // Paged: after "cart/a", one at a time.
-    let page = v2.kv_scan("cart/", Some("cart/a"), 1).await.unwrap();
+    let page = v2.kv_scan("cart/", Some("cart/a"), 1).await.unwrap().items;
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].key, "cart/b");
     assert_eq!(
-        v2.streams(None, 10).await.unwrap(),
+        v2.streams(None, 10).await.unwrap().items,
         vec![("order-1".to_owned(), 3), ("order-2".to_owned(), 1)]
     );
     assert_eq!(
-        v2.streams(Some("order-1"), 10).await.unwrap(),
+        v2.streams(Some("order-1"), 10).await.unwrap().items,
         vec![("order-2".to_owned(), 1)]
     );
 
     let v3 = bus.state_at(3).await.unwrap();
     assert_eq!(v3.kv_get("cart/a").await.unwrap(), None, "deleted at 3");
-    let scan = v3.kv_scan("", None, 10).await.unwrap();
+    let scan = v3.kv_scan("", None, 10).await.unwrap().items;
     let keys: Vec<&str> = scan.iter().map(|v| v.key.as_str()).collect();
     assert_eq!(keys, vec!["cart/b", "other/x"]);
     assert_eq!(v3.commits(1, 10).await.unwrap().len(), 2);
@@ -377,6 +378,117 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
     assert!(d.truncated);
     assert_eq!((d.to, d.commits), (1, 1));
     assert!(bus.diff_versions(3, 1, 10).await.is_err());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Scans of a past state are bounded: a call examines at most `max_examined` keys (or streams),
+/// present then or not, and hands back a cursor. Keys and streams written only after the
+/// position are skipped across pages, and the pages together hold exactly what was present.
+pub async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store.clone())
+        .system_commits(false)
+        .build()
+        .await
+        .unwrap();
+    let ev = |n: usize| Event::new("o.e", json!({"n": n}));
+    // 1: the keys many/a and many/z, the streams s-a and s-z.
+    bus.commit(
+        Commit::new()
+            .stream("s-a", ExpectedVersion::NoStream, [ev(0)])
+            .stream("s-z", ExpectedVersion::NoStream, [ev(1)])
+            .kv(KvWrite::put("many/a", b"a".to_vec()))
+            .kv(KvWrite::put("many/z", b"z".to_vec())),
+    )
+    .await
+    .unwrap();
+    // 2: 200 keys and 200 streams between them, absent at position 1.
+    let absent = 200usize;
+    let mut c = Commit::new();
+    for i in 0..absent {
+        c = c
+            .stream(format!("s-m{i:03}"), ExpectedVersion::NoStream, [ev(i)])
+            .kv(KvWrite::put(format!("many/m{i:03}"), vec![1]));
+    }
+    bus.commit(c).await.unwrap();
+    head_at_least(&store, 2).await;
+
+    let bound = 25usize;
+    let examined_in_all = absent + 2;
+    let v1 = bus.state_at(1).await.unwrap().max_examined(bound);
+
+    let mut keys = Vec::new();
+    let mut after: Option<String> = None;
+    let (mut pages, mut empty_but_not_last) = (0usize, 0usize);
+    loop {
+        let page = v1.kv_scan("many/", after.as_deref(), 10).await.unwrap();
+        pages += 1;
+        assert!(pages <= examined_in_all, "the scan does not end");
+        if page.items.is_empty() && !page.is_last() {
+            empty_but_not_last += 1;
+        }
+        keys.extend(page.items.into_iter().map(|v| (v.key, v.value)));
+        match page.resume_after {
+            Some(next) => {
+                assert!(after.as_ref().is_none_or(|a| next > *a), "the cursor moves on");
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        keys,
+        vec![
+            ("many/a".to_owned(), b"a".to_vec()),
+            ("many/z".to_owned(), b"z".to_vec())
+        ]
+    );
+    // Each call examined `bound` keys, the last one what was left.
+    assert_eq!(pages, examined_in_all.div_ceil(bound));
+    assert!(empty_but_not_last > 0, "pages of absent keys only come back empty");
+
+    let mut streams = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0usize;
+    loop {
+        let page = v1.streams(after.as_deref(), 10).await.unwrap();
+        pages += 1;
+        assert!(pages <= examined_in_all, "the scan does not end");
+        streams.extend(page.items);
+        match page.resume_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        streams,
+        vec![("s-a".to_owned(), 1), ("s-z".to_owned(), 1)]
+    );
+    assert_eq!(pages, examined_in_all.div_ceil(bound));
+
+    // With the default bound the same scans take one call each.
+    let whole = bus.state_at(1).await.unwrap();
+    let page = whole.kv_scan("many/", None, 10).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert!(page.is_last());
+    let page = whole.streams(None, 10).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert!(page.is_last());
+
+    // At position 2 every key is present: pages are cut by `limit`, and together hold them all.
+    let v2 = bus.state_at(2).await.unwrap().max_examined(bound);
+    let mut count = 0usize;
+    let mut after: Option<String> = None;
+    loop {
+        let page = v2.kv_scan("many/", after.as_deref(), 10).await.unwrap();
+        assert!(page.items.len() <= 10);
+        count += page.items.len();
+        match page.resume_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(count, examined_in_all);
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
