@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use serde_json::json;
 
 use super::{builder, within, Harness};
+use crate::algebra;
 use crate::chain::{self, Broken, VerifyOptions};
 use crate::signing::{CommitSigner, KeyRing};
 use crate::store::{CommitKind, CommitRecord, LogMessage, Store};
@@ -253,6 +254,82 @@ pub async fn commits_read_back_with_their_checksums_and_key_writes(h: &dyn Harne
         log[1].chain_hash
     );
     assert!(bus.verify().await.unwrap().is_intact());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Commits read back from the log are commit values: two of them append (in log order: each
+/// stream expected where it was) and diff like commits being built, and a contradiction
+/// between them is named.
+pub async fn commits_read_from_the_log_append_and_diff(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store.clone())
+        .system_commits(false)
+        .build()
+        .await
+        .unwrap();
+    let first = Commit::new()
+        .stream(
+            "order-1",
+            ExpectedVersion::NoStream,
+            [Event::new("o.placed", json!({"n": 1}))],
+        )
+        .kv(KvWrite::put("cart/1", b"1".to_vec()));
+    bus.commit(first.clone()).await.unwrap();
+    bus.commit(
+        Commit::new()
+            .stream(
+                "order-1",
+                ExpectedVersion::Exact(1),
+                [
+                    Event::new("o.paid", json!({"n": 2})),
+                    Event::new("o.sent", json!({"n": 3})),
+                ],
+            )
+            .kv(KvWrite::put("cart/2", b"2".to_vec())),
+    )
+    .await
+    .unwrap();
+    bus.commit(
+        Commit::new()
+            .event(Event::new("o.note", json!({"n": 4})))
+            .kv(KvWrite::put("cart/1", b"changed".to_vec())),
+    )
+    .await
+    .unwrap();
+    let log = log_of(&store, 3).await;
+
+    // Records as values: append and diff.
+    let (a, b) = (log[0].to_commit(), log[1].to_commit());
+    let both = a.clone().append(b.clone()).unwrap();
+    assert_eq!(both.len(), 3);
+    let d = algebra::diff(&a, &b);
+    assert!(d.is_disjoint());
+    assert_eq!((d.only_left.len(), d.only_right.len()), (2, 3));
+    let itself = algebra::diff(&a, &log[0].to_commit());
+    assert_eq!(itself.same.len(), 2);
+    assert!(itself.only_left.is_empty() && itself.varied.is_empty());
+
+    // Read with the versions the streams were at: the commit as it was handed in.
+    let at1 = bus.commit_at(1).await.unwrap().unwrap();
+    let as_built = algebra::diff(&first, &at1);
+    assert_eq!(as_built.same.len(), 2, "{as_built:?}");
+    assert!(as_built.only_left.is_empty() && as_built.varied.is_empty());
+    let at2 = bus.commit_at(2).await.unwrap().unwrap();
+    assert_eq!(at1.clone().append(at2.clone()).unwrap().len(), 3);
+    assert!(matches!(
+        at2.append(at1.clone()),
+        Err(algebra::Contradiction::Stream { stream, .. }) if stream == "order-1"
+    ));
+    // The third commit writes cart/1 again with another value.
+    let at3 = bus.commit_at(3).await.unwrap().unwrap();
+    assert_eq!(
+        at1.append(at3).unwrap_err(),
+        algebra::Contradiction::Key {
+            key: "cart/1".into()
+        }
+    );
+    assert!(bus.commit_at(4).await.unwrap().is_none());
+    assert!(bus.commit_at(0).await.unwrap().is_none());
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
