@@ -935,3 +935,98 @@ pub async fn encrypted_fields_are_stored_sealed_and_handed_to_handlers_plain(h: 
     );
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A message whose encryption key is gone when it is delivered: its handler never runs on the
+/// sealed payload; the delivery is retried, then dead-lettered with the missing key named, and
+/// the operation fails naming it. Once the key is back, replaying the dead letter delivers the
+/// plaintext.
+pub async fn a_message_whose_key_is_gone_is_dead_lettered_naming_the_key(h: &dyn Harness) {
+    let (key, store) = h.create().await;
+    let with_key = FieldEncryption::new()
+        .key("pii-1", [5u8; 32])
+        .unwrap()
+        .encrypt_with("pii-1")
+        .field("user.created", "/email");
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mailer = |calls: Arc<Mutex<Vec<serde_json::Value>>>| {
+        move |m: Message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push(m.payload()["email"].clone());
+                Ok(())
+            }
+        }
+    };
+    // Committed by a bus that holds the key, and not delivered before it stops.
+    let bus = builder(store.clone())
+        .field_encryption(with_key.clone())
+        .start_paused(true)
+        .handler("mailer", On::event("user.created"), mailer(calls.clone()))
+        .build()
+        .await
+        .unwrap();
+    let op = bus
+        .transact([Event::new(
+            "user.created",
+            json!({"id": 9, "email": "gone-key@example.com"}),
+        )])
+        .await
+        .unwrap();
+    let id = op.id();
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // The next bus has only a newer key.
+    let store = h.reopen(&key).await;
+    let without = FieldEncryption::new()
+        .key("pii-2", [6u8; 32])
+        .unwrap()
+        .encrypt_with("pii-2")
+        .field("user.created", "/email");
+    let bus = builder(store.clone())
+        .field_encryption(without)
+        .max_retries(1)
+        .handler("mailer", On::event("user.created"), mailer(calls.clone()))
+        .build()
+        .await
+        .unwrap();
+    let outcome = within(bus.wait(id)).await.unwrap();
+    let failure = outcome.error.expect("the operation fails");
+    assert_eq!(failure.handler, "mailer");
+    assert_eq!(failure.kind, crate::FailureKind::RetriesExhausted);
+    assert_eq!(failure.attempts, 2, "retried once, then dead");
+    assert!(
+        failure.reason.contains("\"pii-1\"") && failure.reason.contains("not configured"),
+        "{}",
+        failure.reason
+    );
+    assert!(calls.lock().unwrap().is_empty(), "the handler never ran");
+    let dead = bus.dead_letters(Default::default()).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].handler, "mailer");
+    assert!(dead[0].error.contains("\"pii-1\""), "{}", dead[0].error);
+    // What is stored stays sealed.
+    assert!(!dead[0].message.payload_json.contains("gone-key"));
+    let delivery = dead[0].delivery_id;
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // The key is back: the dead letter replays and the handler gets the plaintext.
+    let store = h.reopen(&key).await;
+    let bus = builder(store.clone())
+        .field_encryption(with_key)
+        .handler("mailer", On::event("user.created"), mailer(calls.clone()))
+        .build()
+        .await
+        .unwrap();
+    bus.replay(delivery).await.unwrap();
+    within(async {
+        while calls.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        calls.lock().unwrap().as_slice(),
+        &[json!("gone-key@example.com")]
+    );
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
