@@ -11,7 +11,7 @@
 //!
 //! `run` prints `ready`, then `progress <done>/<total>` as chunks commit, then `finished`;
 //! `check` prints one JSON line: rows found in the log, distinct rows, the first missing row,
-//! duplicates, and whether the chain verifies.
+//! duplicates, and whether the chain verifies. `stores` prints the stores this build has.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -63,6 +63,17 @@ async fn all_sealed(bus: &Bus) {
 #[tokio::main]
 async fn main() {
     let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("stores") {
+        println!(
+            "sqlite{}",
+            if cfg!(feature = "postgres") {
+                " postgres"
+            } else {
+                ""
+            }
+        );
+        return;
+    }
     let schema = match args.iter().position(|a| a == "--schema") {
         Some(i) if i + 1 < args.len() => {
             let schema = args.remove(i + 1);
