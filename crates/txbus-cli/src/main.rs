@@ -234,11 +234,9 @@ async fn run(cli: Cli) -> Result<bool, Error> {
                 key_file: keys,
                 require: require_signatures,
             };
-            verify::verify(s, &signatures, !quiet, out)
-                .await
-                .map(|ok| {
-                    intact = ok;
-                })
+            verify::verify(s, &signatures, !quiet, out).await.map(|ok| {
+                intact = ok;
+            })
         }
         Command::Batches {
             show: Some(BatchCommand::Show { name, follow }),

@@ -47,7 +47,8 @@ fn add_key(ring: KeyRing, pair: &str, whence: &str) -> Result<KeyRing, Error> {
         .or_else(|| pair.trim().split_once(char::is_whitespace))
         .ok_or_else(|| bad("no key id"))?;
     let (id, hex) = (id.trim(), hex.trim());
-    let key = hex_key(hex).ok_or_else(|| bad(&format!("the key of {id:?} is not 64 hex digits")))?;
+    let key =
+        hex_key(hex).ok_or_else(|| bad(&format!("the key of {id:?} is not 64 hex digits")))?;
     ring.with_bytes(id, &key)
         .map_err(|e| Error::Usage(format!("{whence}: {e}")))
 }

@@ -547,15 +547,26 @@ async fn batches_list_show_and_follow_their_progress() {
             assert_eq!(paged.as_array().unwrap().len(), 1);
             assert_eq!(paged[0]["name"], "import-b");
             let shown = one(&store, &["batches", "show", "import-b"]);
-            assert_eq!((shown["done"].as_u64(), shown["finished"].as_bool()), (Some(30), Some(false)));
+            assert_eq!(
+                (shown["done"].as_u64(), shown["finished"].as_bool()),
+                (Some(30), Some(false))
+            );
             let text = String::from_utf8(txbus(&store, &["batches"]).stdout).unwrap();
             let b = text.lines().find(|l| l.starts_with("import-b")).unwrap();
             assert!(b.contains("30.0") && b.contains("unfinished"), "{text}");
-            let text = String::from_utf8(txbus(&store, &["batches", "show", "import-a"]).stdout).unwrap();
-            assert!(text.contains("done      50 of 50 (100.0 %)") && text.contains("finished"), "{text}");
+            let text =
+                String::from_utf8(txbus(&store, &["batches", "show", "import-a"]).stdout).unwrap();
+            assert!(
+                text.contains("done      50 of 50 (100.0 %)") && text.contains("finished"),
+                "{text}"
+            );
             let missing = txbus(&store, &["batches", "show", "import-z"]);
             assert_eq!(missing.status.code(), Some(2));
-            assert!(stderr(&missing).contains("no batch \"import-z\""), "{}", stderr(&missing));
+            assert!(
+                stderr(&missing).contains("no batch \"import-z\""),
+                "{}",
+                stderr(&missing)
+            );
             // Following a finished batch prints it once and ends.
             let done = json_lines(&store, &["batches", "show", "import-a", "--follow"]);
             assert_eq!(done.len(), 1);
@@ -582,7 +593,10 @@ async fn batches_list_show_and_follow_their_progress() {
         .unwrap()
         .unwrap();
     let first: Value = serde_json::from_str(&first).unwrap();
-    assert_eq!((first["done"].as_u64(), first["finished"].as_bool()), (Some(30), Some(false)));
+    assert_eq!(
+        (first["done"].as_u64(), first["finished"].as_bool()),
+        (Some(30), Some(false))
+    );
     let resumed = Batch::new(bus.clone(), "import-b")
         .chunk_size(10)
         .total(100)
@@ -607,7 +621,8 @@ async fn batches_list_show_and_follow_their_progress() {
     assert_eq!(last["done"], 100, "{seen:?}");
     assert_eq!(last["finished"], true);
     assert!(
-        seen.windows(2).all(|w| w[0]["done"].as_u64() <= w[1]["done"].as_u64()),
+        seen.windows(2)
+            .all(|w| w[0]["done"].as_u64() <= w[1]["done"].as_u64()),
         "{seen:?}"
     );
     bus.shutdown(Duration::from_secs(5)).await.unwrap();

@@ -248,7 +248,10 @@ mod tests {
         assert_eq!(first.id, MessageId(uuid::Uuid::from_u128(1)));
         assert_eq!(first.module.as_deref(), Some("order"));
         assert_eq!(first.payload, Ok(json!({"n": 1})));
-        assert_eq!(first.headers.stream, None, "the stream is the commit's grouping");
+        assert_eq!(
+            first.headers.stream, None,
+            "the stream is the commit's grouping"
+        );
         assert_eq!(first.headers.correlation_id.as_deref(), Some("req-1"));
 
         // A record read for hashing holds only the stored text: the same commit comes out.

@@ -200,7 +200,10 @@ fn soak(store: &str, name: &str) {
                 // Alternately as soon as the process runs, and once a recovered delivery is
                 // running.
                 if (round / 4) % 2 == 1 {
-                    assert!(child.wait_for(|l| l == "starting", minute()), "round {round}");
+                    assert!(
+                        child.wait_for(|l| l == "starting", minute()),
+                        "round {round}"
+                    );
                     std::thread::sleep(Duration::from_millis(rng.u64(0..15)));
                 } else {
                     late_start_kills += 1;
@@ -213,8 +216,8 @@ fn soak(store: &str, name: &str) {
                 kills.at_start += 1;
                 let (alive, said) = child.kill();
                 assert!(alive, "round {round}: the child must still run");
-                let recovering = said.iter().any(|l| l == "recovering")
-                    || backlog(&said).is_some_and(|n| n > 0);
+                let recovering =
+                    said.iter().any(|l| l == "recovering") || backlog(&said).is_some_and(|n| n > 0);
                 if recovering {
                     // Held open by the child: not one delivery of the backlog could finish.
                     kills.at_start_in_recovery += 1;

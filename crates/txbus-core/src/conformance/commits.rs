@@ -507,7 +507,10 @@ pub async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages(h: &dyn Ha
         keys.extend(page.items.into_iter().map(|v| (v.key, v.value)));
         match page.resume_after {
             Some(next) => {
-                assert!(after.as_ref().is_none_or(|a| next > *a), "the cursor moves on");
+                assert!(
+                    after.as_ref().is_none_or(|a| next > *a),
+                    "the cursor moves on"
+                );
                 after = Some(next);
             }
             None => break,
@@ -522,7 +525,10 @@ pub async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages(h: &dyn Ha
     );
     // Each call examined `bound` keys, the last one what was left.
     assert_eq!(pages, examined_in_all.div_ceil(bound));
-    assert!(empty_but_not_last > 0, "pages of absent keys only come back empty");
+    assert!(
+        empty_but_not_last > 0,
+        "pages of absent keys only come back empty"
+    );
 
     let mut streams = Vec::new();
     let mut after: Option<String> = None;
@@ -537,10 +543,7 @@ pub async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages(h: &dyn Ha
             None => break,
         }
     }
-    assert_eq!(
-        streams,
-        vec![("s-a".to_owned(), 1), ("s-z".to_owned(), 1)]
-    );
+    assert_eq!(streams, vec![("s-a".to_owned(), 1), ("s-z".to_owned(), 1)]);
     assert_eq!(pages, examined_in_all.div_ceil(bound));
 
     // With the default bound the same scans take one call each.
