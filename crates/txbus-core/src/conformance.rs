@@ -1150,6 +1150,24 @@ macro_rules! conformance_tests {
             $crate::conformance::Harness::cleanup(&harness).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_message_whose_key_is_gone_is_dead_lettered_naming_the_key() {
+            let harness = $harness;
+            $crate::conformance::a_message_whose_key_is_gone_is_dead_lettered_naming_the_key(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn commits_read_from_the_log_append_and_diff() {
+            let harness = $harness;
+            $crate::conformance::commits_read_from_the_log_append_and_diff(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages() {
+            let harness = $harness;
+            $crate::conformance::past_scans_skip_absent_keys_and_streams_in_bounded_pages(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn system_commits_record_start_and_shutdown_without_deliveries() {
             let harness = $harness;
             $crate::conformance::system_commits_record_start_and_shutdown_without_deliveries(&harness).await;

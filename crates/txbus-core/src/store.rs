@@ -17,6 +17,7 @@ pub use crate::conflict::Conflict;
 use crate::kv::{KvEntry, KvWrite};
 use crate::message::{OperationId, StoredMessage};
 use crate::outcome::{Failure, OperationState, Outcome};
+use crate::past_page::PastPage;
 use crate::retention::{PruneReport, Retention};
 use crate::signing::{CommitSignature, CommitSigner};
 use crate::stream::{Direction, StreamAppend, StreamEvent};
@@ -629,16 +630,18 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Up to `limit` keys under `prefix` (after `after`), in key order, with the values they
-    /// held just after the commit at `position` (see [`Store::kv_at`]); deleted keys are left
-    /// out.
+    /// held just after the commit at `position` (see [`Store::kv_at`]); keys absent then are
+    /// left out. Examines at most `max_examined` keys, present or not (see
+    /// [`crate::past_page`]), and says where to continue.
     async fn kv_scan_at(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<KvVersion>, Error> {
-        let _ = (prefix, after, limit, position);
+        max_examined: usize,
+    ) -> Result<PastPage<KvVersion>, Error> {
+        let _ = (prefix, after, limit, position, max_examined);
         Err(unsupported("kv_scan_at"))
     }
 
@@ -649,14 +652,16 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Up to `limit` streams (after `after`, in stream id order) that had events just after the
-    /// commit at `position`, each with its version then.
+    /// commit at `position`, each with its version then. Examines at most `max_examined`
+    /// streams, with events then or not (see [`crate::past_page`]), and says where to continue.
     async fn streams_at(
         &self,
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<(String, u64)>, Error> {
-        let _ = (after, limit, position);
+        max_examined: usize,
+    ) -> Result<PastPage<(String, u64)>, Error> {
+        let _ = (after, limit, position, max_examined);
         Err(unsupported("streams_at"))
     }
 

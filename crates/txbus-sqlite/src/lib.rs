@@ -46,7 +46,7 @@ use txbus_core::store::{
     DeadLetterQuery, Error, KvVersion, NewCommit, OwnerId, Stats, Store, StoreInfo,
 };
 use txbus_core::stream::{Direction, StreamEvent};
-use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention};
+use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PastPage, PruneReport, Retention};
 
 use crate::error::sql;
 use crate::writer::{Op, Out, Request, Writer};
@@ -440,11 +440,14 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<KvVersion>, Error> {
+        max_examined: usize,
+    ) -> Result<PastPage<KvVersion>, Error> {
         let prefix = prefix.to_owned();
         let after = after.map(str::to_owned);
-        self.read(move |c| history::kv_scan_at(c, &prefix, after.as_deref(), limit, position))
-            .await
+        self.read(move |c| {
+            history::kv_scan_at(c, &prefix, after.as_deref(), limit, position, max_examined)
+        })
+        .await
     }
 
     async fn stream_version_at(&self, stream: &str, position: u64) -> Result<u64, Error> {
@@ -458,9 +461,10 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<(String, u64)>, Error> {
+        max_examined: usize,
+    ) -> Result<PastPage<(String, u64)>, Error> {
         let after = after.map(str::to_owned);
-        self.read(move |c| history::streams_at(c, after.as_deref(), limit, position))
+        self.read(move |c| history::streams_at(c, after.as_deref(), limit, position, max_examined))
             .await
     }
 
