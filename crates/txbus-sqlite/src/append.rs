@@ -1,7 +1,7 @@
 //! Appending a commit: its row with the data and chain hashes, its messages, its deliveries.
 
 use rusqlite::{params, Transaction};
-use txbus_core::chain;
+use txbus_core::chain::{self, Hash};
 use txbus_core::store::{AppendReceipt, CompletionEffect, Error, LogMessage, NewCommit};
 use txbus_core::Outcome;
 
@@ -10,10 +10,22 @@ use crate::inline;
 use crate::schema::{op_status, status};
 use crate::writer::State;
 
+/// The data hash of a commit: what the writer links into the chain and `verify` checks.
+pub(crate) fn data_hash(c: &NewCommit) -> Hash {
+    chain::data_hash(
+        &c.operation_id.0,
+        c.kind,
+        c.created_at_ms,
+        c.messages.iter().map(|m| LogMessage::from(&**m)),
+        &c.kv,
+    )
+}
+
 pub(crate) fn append(
     tx: &Transaction<'_>,
     state: &mut State,
     c: &NewCommit,
+    data: &Hash,
     now: i64,
 ) -> Result<AppendReceipt, Error> {
     // Conditions first: a conflict returns before anything is written, so it fails only this
@@ -22,14 +34,7 @@ pub(crate) fn append(
     let kv_versions = crate::kv::check(tx, &c.kv, now)?;
     crate::complete::check_leases(tx, &c.acks)?;
     let position = state.position + 1;
-    let data = chain::data_hash(
-        &c.operation_id.0,
-        c.kind,
-        c.created_at_ms,
-        c.messages.iter().map(|m| LogMessage::from(&**m)),
-        &c.kv,
-    );
-    let chain_hash = chain::chain_hash(&data, &state.chain);
+    let chain_hash = chain::chain_hash(data, &state.chain);
     let remaining = c.deliveries.len();
     let finished = remaining == 0;
     let pos =

@@ -112,9 +112,15 @@ pub(crate) fn complete(
     Ok(effects)
 }
 
+/// `first_delivery`, `inline_open`, `inline_done`, `op_status`, `op_remaining`, `op_id`.
+type OperationRow = (Option<i64>, i64, i64, i64, i64, Vec<u8>);
+
 /// Records the success of a delivery that is open on its commit row: clears its open bit,
 /// keeps it as succeeded (unless that is already past retention), and counts it off its
-/// operation — one row, one statement. `None` when it is not open there.
+/// operation — one row read, one row written. `None` when it is not open there.
+///
+/// The row is read and then written with the values worked out here rather than updated with
+/// `RETURNING`, which SQLite serves through a temporary table on every call.
 fn succeed_inline(
     tx: &Transaction<'_>,
     state: &State,
@@ -122,43 +128,63 @@ fn succeed_inline(
     pos: i64,
     now: i64,
 ) -> Result<Option<CompletionEffect>, Error> {
-    // Every expression reads the row as it was before the update.
-    let row: Option<(i64, i64, Vec<u8>)> = tx
+    let row: Option<OperationRow> = tx
         .prepare_cached(
-            "UPDATE commits SET
-                 inline_open = inline_open & ~(1 << (?2 - first_delivery)),
-                 inline_done = CASE WHEN ?4 THEN inline_done
-                                    ELSE inline_done | (1 << (?2 - first_delivery)) END,
-                 op_remaining = CASE WHEN op_status = 0 THEN op_remaining - 1 ELSE op_remaining END,
-                 op_status = CASE WHEN op_status != 0 THEN op_status WHEN op_remaining > 1 THEN 0
-                                  WHEN ?5 THEN 3 ELSE 1 END,
-                 op_finished_at = CASE WHEN op_status = 0 AND op_remaining <= 1 THEN ?3
-                                       ELSE op_finished_at END
-             WHERE position = ?1 AND ?2 >= first_delivery AND ?2 - first_delivery < ?6
-               AND (inline_open >> (?2 - first_delivery)) & 1 = 1
-             RETURNING op_status, op_remaining, op_id",
+            "SELECT first_delivery, inline_open, inline_done, op_status, op_remaining, op_id
+             FROM commits WHERE position = ?1",
         )
         .and_then(|mut s| {
-            s.query_row(
-                params![
-                    pos,
-                    c.delivery_id,
-                    now,
-                    pos < state.succeeded_floor_pos,
-                    pos < state.outcome_floor,
-                    inline::MAX_INLINE as i64
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            s.query_row([pos], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
             .optional()
         })
-        .map_err(sql("recording a success"))?;
-    let Some((st, remaining, id)) = row else {
+        .map_err(sql("reading an operation"))?;
+    let Some((Some(first), open, done, op, remaining, id)) = row else {
         return Ok(None);
     };
-    // An open delivery keeps its operation's count above zero unless the operation failed
-    // (then the count stays): reaching zero now means this success finished it.
-    let finished = remaining == 0 && (st == op_status::SUCCEEDED || st == op_status::PRUNED);
+    let offset = c.delivery_id - first;
+    if !(0..inline::MAX_INLINE as i64).contains(&offset) {
+        return Ok(None);
+    }
+    let b = inline::bit(offset as u32);
+    if open & b == 0 {
+        return Ok(None);
+    }
+    // Below the retention floor the success is already past retention: it is not kept.
+    let done = if pos < state.succeeded_floor_pos {
+        done
+    } else {
+        done | b
+    };
+    // The operation counts this delivery off only while it is pending (a failed one keeps
+    // its count); the last one finishes it.
+    let (op, remaining, finished_at, finished) = if op != op_status::PENDING {
+        (op, remaining, None, false)
+    } else if remaining > 1 {
+        (op_status::PENDING, remaining - 1, None, false)
+    } else {
+        let st = if pos < state.outcome_floor {
+            op_status::PRUNED
+        } else {
+            op_status::SUCCEEDED
+        };
+        (st, 0, Some(now), true)
+    };
+    tx.prepare_cached(
+        "UPDATE commits SET inline_open = ?2, inline_done = ?3, op_status = ?4, op_remaining = ?5,
+                            op_finished_at = COALESCE(?6, op_finished_at)
+         WHERE position = ?1",
+    )
+    .and_then(|mut s| s.execute(params![pos, open & !b, done, op, remaining, finished_at]))
+    .map_err(sql("recording a success"))?;
     Ok(Some(CompletionEffect::Applied(if finished {
         Some(Outcome {
             operation_id: op_id(&id)?,

@@ -126,7 +126,7 @@ pub(crate) fn record_batch(
             (Op::Complete(completions), Ok(Out::Complete(effects))) => {
                 tally.completions(completions, effects);
             }
-            (Op::Append(commit), Ok(Out::Append(receipt))) => {
+            (Op::Append(commit, _), Ok(Out::Append(receipt))) => {
                 tally.completions(&commit.acks, &receipt.acked);
             }
             (Op::Inspect(_), Ok(Out::Acted(acted))) => {

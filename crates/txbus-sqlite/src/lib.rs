@@ -16,6 +16,7 @@
 
 mod append;
 mod chain_read;
+mod checkpoint;
 mod claim;
 mod commit_meta;
 mod complete;
@@ -120,6 +121,9 @@ struct Inner {
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Copies committed pages from the log into the file (see `checkpoint`); stops once the
+    /// writer has.
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
     lock: Mutex<Option<lock::FileLock>>,
     signer: commit_meta::SharedSigner,
@@ -201,7 +205,8 @@ impl SqliteStore {
             .map_err(sql("configuring the read connection"))?;
 
         let signer = commit_meta::SharedSigner::default();
-        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer))?;
+        let (nudge, checkpointer) = checkpoint::start(&conn, &path, |c| configure(c, &options))?;
+        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer), nudge)?;
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("txbus-sqlite-writer".into())
@@ -213,6 +218,7 @@ impl SqliteStore {
                 path,
                 sender: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                checkpointer: Mutex::new(Some(checkpointer)),
                 reader: Arc::new(Mutex::new(reader)),
                 lock: Mutex::new(Some(lock)),
                 signer,
@@ -263,7 +269,10 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, commit: NewCommit) -> Result<AppendReceipt, Error> {
-        match self.call(Op::Append(commit)).await? {
+        // The data hash covers every payload: worked out on the caller's task, so that the
+        // writer thread only links it into the chain.
+        let data = append::data_hash(&commit);
+        match self.call(Op::Append(commit, data)).await? {
             Out::Append(r) => Ok(r),
             _ => Err(unexpected()),
         }
@@ -492,6 +501,18 @@ impl Store for SqliteStore {
                 .map_err(|e| Error::backend("waiting for the writer", e))?
                 .map_err(|_| Error::Corrupt("the writer thread panicked".into()))?;
         }
+        let checkpointer = self
+            .inner
+            .checkpointer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = checkpointer {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| Error::backend("waiting for the checkpointer", e))?
+                .map_err(|_| Error::Corrupt("the checkpoint thread panicked".into()))?;
+        }
         // The file is free for the next process (or the next open in this one).
         self.inner
             .lock
@@ -511,6 +532,14 @@ impl Drop for Inner {
             .take();
         if let Some(handle) = self
             .writer
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self
+            .checkpointer
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .take()

@@ -19,7 +19,8 @@ use crate::prune::{self, Bounds, Step};
 
 /// A write to perform.
 pub(crate) enum Op {
-    Append(NewCommit),
+    /// A commit and its data hash (worked out by the caller's task, not the writer).
+    Append(NewCommit, Hash),
     Complete(Vec<Completion>),
     Claim {
         owner: OwnerId,
@@ -74,6 +75,8 @@ pub(crate) struct State {
 
 pub(crate) struct Writer {
     conn: Connection,
+    /// Wakes the checkpointer as transactions commit.
+    nudge: crate::checkpoint::Nudge,
     signer: crate::commit_meta::SharedSigner,
     state: State,
     max_batch: usize,
@@ -88,6 +91,7 @@ impl Writer {
         conn: Connection,
         max_batch: usize,
         signer: crate::commit_meta::SharedSigner,
+        nudge: crate::checkpoint::Nudge,
     ) -> Result<Self, Error> {
         let head = conn
             .query_row(
@@ -146,6 +150,7 @@ impl Writer {
             .map_err(sql("reading the first outcome"))?;
         Ok(Self {
             conn,
+            nudge,
             signer,
             state: State {
                 position,
@@ -222,7 +227,7 @@ impl Writer {
         let mut outs = Vec::with_capacity(batch.len());
         for req in batch {
             let out = match &req.op {
-                Op::Append(commit) => match append(&tx, &mut state, commit, now) {
+                Op::Append(commit, data) => match append(&tx, &mut state, commit, data, now) {
                     Ok(receipt) => Out::Append(receipt),
                     Err(e @ (Error::Conflict(_) | Error::Invalid(_))) => {
                         outs.push(Err(e));
@@ -291,6 +296,7 @@ impl Writer {
         let appended = state.position != self.state.position;
         crate::commit_meta::sign_last(&tx, &self.signer, appended, state.position, &state.chain)?;
         tx.commit().map_err(sql("committing"))?;
+        self.nudge.committed();
         self.state = state;
         if abandoned_due {
             self.last_abandoned_scan = Some(Instant::now());
