@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -86,6 +86,78 @@ struct Job {
     message: Arc<StoredMessage>,
     handler: usize,
     _slot: OwnedSemaphorePermit,
+}
+
+/// An attempt whose result waits to be recorded, with what follows the recording.
+struct PendingAck {
+    job: Job,
+    /// What the attempt came to, as metrics count it once recorded.
+    outcome: AttemptOutcome,
+    /// The retry the attempt asked for.
+    retry_in: Option<Duration>,
+    /// The attempt's number.
+    attempt: u32,
+    span: tracing::Span,
+    /// Keeps the attempt counted as running (shutdown waits) until it is recorded.
+    _guard: TrackGuard,
+}
+
+/// Results waiting to be recorded, and how many attempts are recording them now.
+#[derive(Default)]
+struct AckQueue {
+    items: Mutex<Vec<(Completion, PendingAck)>>,
+    leaders: AtomicUsize,
+}
+
+/// At most this many results go to the store in one call.
+const MAX_ACK_BATCH: usize = 1024;
+
+/// At most this many store calls record results at once: a few, so that a store with several
+/// writers keeps them busy and a result does not wait for a whole round trip before its own.
+const MAX_ACK_LEADERS: usize = 4;
+
+impl AckQueue {
+    /// Becomes one of the attempts that record results, if there is room for one more.
+    fn lead(&self) -> bool {
+        self.leaders
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_ACK_LEADERS).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn step_down(&self) {
+        self.leaders.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn push(&self, completion: Completion, pending: PendingAck) {
+        self.items
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((completion, pending));
+    }
+
+    fn take(&self, max: usize) -> Vec<(Completion, PendingAck)> {
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = items.len().min(max);
+        items.drain(..n).collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Drops what waits (shutdown, after the attempts were cancelled): those deliveries run
+    /// again after restart.
+    fn clear(&self) {
+        self.items
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
 }
 
 /// Running attempts, so that shutdown can wait for them and cancel the rest.
@@ -189,6 +261,7 @@ pub(crate) struct Engine {
     pub(crate) log_tick: watch::Sender<u64>,
     closed: AtomicBool,
     attempts: Arc<Tracker>,
+    acks: AckQueue,
     background: Mutex<Vec<AbortHandle>>,
     metrics: EngineMetrics,
 }
@@ -237,6 +310,7 @@ impl Engine {
             claim_dirty: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             attempts: Arc::new(Tracker::default()),
+            acks: AckQueue::default(),
             background: Mutex::new(Vec::new()),
         });
         if engine.store.is_shared() {
@@ -743,8 +817,7 @@ impl Engine {
             let (Ok(l), Ok(g)) = permits else { return };
             let engine = Arc::clone(&self);
             self.attempts.spawn(move |guard| async move {
-                engine.run_attempt(job, (l, g)).await;
-                drop(guard);
+                engine.run_attempt(job, (l, g), guard).await;
             });
         }
     }
@@ -755,6 +828,7 @@ impl Engine {
         self: Arc<Self>,
         job: Job,
         permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        guard: TrackGuard,
     ) {
         let entry = &self.handlers[job.handler];
         let span = tracing::info_span!(
@@ -773,7 +847,7 @@ impl Engine {
         let context = trace::start(&span, TraceParent::from_headers(&job.message.headers));
         let engine = Arc::clone(&self);
         engine
-            .attempt_in_span(job, permits, context, &span)
+            .attempt_in_span(job, permits, guard, context, &span)
             .instrument(span.clone())
             .await;
     }
@@ -782,6 +856,7 @@ impl Engine {
         self: Arc<Self>,
         job: Job,
         permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+        guard: TrackGuard,
         context: Option<TraceParent>,
         span: &tracing::Span,
     ) {
@@ -933,13 +1008,60 @@ impl Engine {
         // Progress goes out before the ack, so it always precedes the outcome, which needs
         // every ack; the outcome itself is reported only once it is durable.
         self.watchers.progress(job.operation_id, progress);
-        let effect = self.complete(completion).await;
+        let pending = PendingAck {
+            job,
+            outcome,
+            retry_in,
+            attempt,
+            span: span.clone(),
+            _guard: guard,
+        };
+        self.record(completion, pending).await;
+    }
+
+    /// Records an attempt's result. Results that arrive while [`MAX_ACK_LEADERS`] attempts are
+    /// recording go with one of their next store calls (the others leave theirs and end): under
+    /// load many acknowledgements cost one request and one wake-up instead of one each.
+    async fn record(self: &Arc<Self>, completion: Completion, pending: PendingAck) {
+        self.acks.push(completion, pending);
+        loop {
+            if !self.acks.lead() {
+                // A leader takes it with its next batch.
+                return;
+            }
+            loop {
+                let batch = self.acks.take(MAX_ACK_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                let (completions, pending): (Vec<Completion>, Vec<PendingAck>) =
+                    batch.into_iter().unzip();
+                let effects = self.complete(completions).await;
+                let mut effects = effects.map(Vec::into_iter);
+                for p in pending {
+                    let effect = effects.as_mut().and_then(Iterator::next);
+                    self.recorded(p, effect);
+                }
+            }
+            self.acks.step_down();
+            // One may have arrived after the last batch was taken and left it to us.
+            if self.acks.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// What follows the recording of one attempt: its span's outcome, metrics, the outcome of
+    /// the operation it finished, and the retry it asked for.
+    fn recorded(self: &Arc<Self>, p: PendingAck, effect: Option<CompletionEffect>) {
+        let entry = &self.handlers[p.job.handler];
+        let metrics = self.metrics.handler(p.job.handler);
         let recorded = match effect {
-            Some(CompletionEffect::Applied(_)) => outcome,
+            Some(CompletionEffect::Applied(_)) => p.outcome,
             Some(CompletionEffect::Stale) => AttemptOutcome::Stale,
             None => AttemptOutcome::Unrecorded,
         };
-        span.record("outcome", recorded.name());
+        p.span.record("outcome", recorded.name());
         if let Some(m) = metrics {
             m.record(recorded);
         }
@@ -952,41 +1074,50 @@ impl Engine {
                 }
             }
             Some(CompletionEffect::Stale) => {
-                tracing::warn!(handler = %entry.name, delivery = job.id, fence = job.fence,
+                tracing::warn!(handler = %entry.name, delivery = p.job.id, fence = p.job.fence,
                     "the lease was taken over; this attempt's result was discarded");
                 return;
             }
             None => return,
         }
-        if let Some(delay) = retry_in {
-            let engine = Arc::clone(&self);
+        if let Some(delay) = p.retry_in {
+            let engine = Arc::clone(self);
             let mut stopping = self.stopping.subscribe();
+            let job = Job {
+                attempts: p.attempt,
+                ..p.job
+            };
             tokio::spawn(async move {
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {
-                        let job = Job { attempts: attempt, ..job };
-                        engine.enqueue(job);
-                    }
+                    () = tokio::time::sleep(delay) => engine.enqueue(job),
                     _ = stopping.wait_for(|s| *s) => {}
                 }
             });
         }
     }
 
-    /// Records one completion, retrying while the store fails. `None` when shutting down.
-    async fn complete(&self, completion: Completion) -> Option<CompletionEffect> {
+    /// Records completions, retrying while the store fails. `None` when shutting down.
+    async fn complete(&self, completions: Vec<Completion>) -> Option<Vec<CompletionEffect>> {
         let mut delay = Duration::from_millis(20);
         loop {
-            match self.store.complete(vec![completion.clone()]).await {
-                Ok(mut effects) => return effects.pop(),
+            match self.store.complete(completions.clone()).await {
+                Ok(effects) if effects.len() == completions.len() => return Some(effects),
+                Ok(effects) => {
+                    tracing::error!(
+                        sent = completions.len(),
+                        answered = effects.len(),
+                        "the store answered a different number of completions; they run again after restart"
+                    );
+                    return None;
+                }
                 Err(e) => {
                     if self.is_stopping() || matches!(e, crate::store::Error::Closed) {
-                        tracing::warn!(delivery = completion.delivery_id, error = %e,
-                            "could not record an attempt; the delivery runs again after restart");
+                        tracing::warn!(count = completions.len(), error = %e,
+                            "could not record attempts; their deliveries run again after restart");
                         return None;
                     }
-                    tracing::error!(delivery = completion.delivery_id, error = %e,
-                        "could not record an attempt; retrying");
+                    tracing::error!(count = completions.len(), error = %e,
+                        "could not record attempts; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -1165,7 +1296,11 @@ impl Engine {
         let cancelled = if drained {
             0
         } else {
-            self.attempts.abort_all()
+            let cancelled = self.attempts.abort_all();
+            // Results still waiting for an attempt that was recording them (counted among the
+            // running ones) are dropped too: their deliveries run again after restart.
+            self.acks.clear();
+            cancelled
         };
         for handle in self
             .background
