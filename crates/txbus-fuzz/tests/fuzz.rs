@@ -69,3 +69,28 @@ fn fuzz_redis_entries() {
 fn fuzz_idempotency_http_requests() {
     fuzz("idempotency_http");
 }
+
+/// Inputs that once broke a target (found by the long libFuzzer runs), kept under
+/// `tests/regressions/<target>/` and run on every test run.
+#[test]
+fn inputs_that_once_failed_pass() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/regressions");
+    let mut ran = 0;
+    for (name, target) in txbus_fuzz::TARGETS {
+        let Ok(entries) = std::fs::read_dir(dir.join(name)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let input = std::fs::read(&path).unwrap();
+            target(&input);
+            println!("regression {name}/{}: passes", path.display());
+            ran += 1;
+        }
+    }
+    assert!(
+        ran > 0,
+        "no regression inputs found under {}",
+        dir.display()
+    );
+}

@@ -85,7 +85,14 @@ pub fn headers(message: &OutboundMessage) -> Vec<(&'static str, String)> {
     if let Some(c) = message.headers.causation_id.as_ref().filter(|v| plain(v)) {
         out.push((CAUSATION_ID, c.clone()));
     }
-    if let Some(t) = message.headers.extra.get(TRACEPARENT) {
+    // The plain trace context only when it is one (a W3C `traceparent` has no line break);
+    // whatever else a caller put there travels in the JSON header.
+    if let Some(t) = message
+        .headers
+        .extra
+        .get(TRACEPARENT)
+        .filter(|t| t.parse::<txbus_core::TraceParent>().is_ok())
+    {
         out.push((TRACEPARENT, t.clone()));
     }
     if !message.headers.is_empty() {
@@ -198,10 +205,14 @@ mod tests {
     }
 
     #[test]
-    fn ids_with_line_breaks_travel_only_in_the_json_header() {
+    fn values_with_line_breaks_travel_only_in_the_json_header() {
         let mut m = sample();
         m.headers.correlation_id = Some("a\r\nInjected: yes".into());
         m.headers.causation_id = Some("b\n".into());
+        // A caller's own entry under the trace context's name, which is no trace context.
+        m.headers
+            .extra
+            .insert(TRACEPARENT.to_owned(), "00-\n\n[[[ ".into());
         let h = headers(&m);
         // No plain copy that would break a NATS or HTTP-style header block...
         assert!(
@@ -211,7 +222,7 @@ mod tests {
         );
         assert!(!h
             .iter()
-            .any(|(n, _)| *n == CORRELATION_ID || *n == CAUSATION_ID));
+            .any(|(n, _)| *n == CORRELATION_ID || *n == CAUSATION_ID || *n == TRACEPARENT));
         // ...and the values still arrive whole.
         let back = decode(
             |n| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone()),
