@@ -14,7 +14,8 @@ use common::{basic, csrf_of, http, location, rows, serve, Reply, HANG, OPERATOR_
 use serde_json::json;
 use txbus_core::inspect::DeliveryStatus;
 use txbus_core::store::DeadLetterQuery;
-use txbus_core::{Backoff, Bus, BusBuilder, Event, Message, On, OperationId};
+use txbus_core::{Backoff, Bus, BusBuilder, Event, HandlerError, Message, On, OperationId};
+use txbus_saga::{Saga, SagaStatus, Sagas, Step, StepContext};
 use txbus_sqlite::SqliteStore;
 
 fn bus_builder(db: &std::path::Path) -> BusBuilder {
@@ -213,5 +214,196 @@ async fn many_dead_letters_replayed_at_once_run_again_and_the_action_is_audited(
         ),
         "{trail:?}"
     );
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Sagas of type `fulfilment`: `reserve` (undone by a release), then `charge`, which rejects a
+/// declined card.
+fn fulfilment(released: Arc<Mutex<Vec<String>>>) -> Sagas {
+    let saga = Saga::builder("fulfilment")
+        .step(
+            Step::action("reserve", |ctx: StepContext| async move {
+                Ok(json!({"reservation": format!("r-{}", ctx.input_json()["order"])}))
+            })
+            .compensate(move |ctx: StepContext| {
+                let released = Arc::clone(&released);
+                async move {
+                    released
+                        .lock()
+                        .unwrap()
+                        .push(ctx.input_json()["order"].to_string());
+                    Ok(())
+                }
+            }),
+        )
+        .step(Step::action("charge", |ctx: StepContext| async move {
+            if ctx.input_json()["card"] == "declined" {
+                return Err(HandlerError::reject("card declined by the issuer"));
+            }
+            Ok(json!({"payment": "p-1"}))
+        }))
+        .build()
+        .unwrap();
+    Sagas::builder().saga(saga).build().unwrap()
+}
+
+/// The rows of a saga's history page as (version, change, details).
+fn history(page: &Reply) -> Vec<(u64, String, serde_json::Value)> {
+    rows(&page.body, "<table>")
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.len(), 4, "{r:?}");
+            let details = serde_json::from_str(&r[3])
+                .unwrap_or_else(|e| panic!("details of {r:?} are not JSON: {e}"));
+            (r[0].parse().unwrap(), r[2].clone(), details)
+        })
+        .collect()
+}
+
+/// The (change, step name) of each row of a history, in order.
+fn steps(rows: &[(u64, String, serde_json::Value)]) -> Vec<(&str, Option<&str>)> {
+    rows.iter()
+        .map(|(_, change, details)| {
+            assert_eq!(details["change"], change.as_str(), "{details}");
+            (change.as_str(), details["name"].as_str())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_are_listed_by_status_and_a_history_shows_its_steps_in_order() {
+    let released: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sagas = fulfilment(Arc::clone(&released));
+    let dir = tempfile::tempdir().unwrap();
+    let bus = sagas
+        .install(bus_builder(&dir.path().join("sagas.db")))
+        .build()
+        .await
+        .unwrap();
+    let runtime = sagas.attach(bus.clone());
+    let mut ids = Vec::new();
+    for (order, card, status) in [
+        (1, "visa", SagaStatus::Completed),
+        (2, "declined", SagaStatus::Failed),
+    ] {
+        let id = runtime
+            .start("fulfilment", json!({ "order": order, "card": card }))
+            .await
+            .unwrap();
+        let state = tokio::time::timeout(HANG, runtime.wait(&id))
+            .await
+            .expect("the saga settles")
+            .unwrap();
+        assert_eq!(state.status, status);
+        ids.push(id.as_str().to_owned());
+    }
+    let (completed, failed) = (ids[0].clone(), ids[1].clone());
+    assert_eq!(*released.lock().unwrap(), vec!["2".to_owned()]);
+    let addr = serve(&bus).await;
+
+    // By status: each list holds its saga only, with its type, step and error.
+    let listed = |page: &Reply| rows(&page.body, "<table>");
+    let done = listed(&get(addr, "/admin/queues/sagas?status=completed").await);
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(
+        (&done[0][0], &done[0][1], &done[0][2]),
+        (
+            &completed,
+            &"fulfilment".to_owned(),
+            &"completed".to_owned()
+        ),
+        "{done:?}"
+    );
+    let gone = listed(&get(addr, "/admin/queues/sagas?status=failed").await);
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert_eq!(
+        (&gone[0][0], &gone[0][1], &gone[0][2], &gone[0][4]),
+        (
+            &failed,
+            &"fulfilment".to_owned(),
+            &"failed".to_owned(),
+            &"charge".to_owned()
+        ),
+        "{gone:?}"
+    );
+    assert!(
+        gone[0][5].contains("card declined by the issuer"),
+        "{gone:?}"
+    );
+    for status in ["running", "compensating", "needs-attention"] {
+        let none = listed(&get(addr, &format!("/admin/queues/sagas?status={status}")).await);
+        assert_eq!(
+            none,
+            vec![vec![format!("No saga is {}.", status.replace('-', " "))]],
+            "{status}"
+        );
+    }
+    // Without a status, the running ones.
+    let running = listed(&get(addr, "/admin/queues/sagas").await);
+    assert_eq!(running, vec![vec!["No saga is running.".to_owned()]]);
+    // Each listed saga links to its history.
+    let page = get(addr, "/admin/queues/sagas?status=failed").await;
+    assert!(
+        common::links(&page.body, "/admin/queues/sagas/")
+            .contains(&format!("/admin/queues/sagas/{failed}")),
+        "{}",
+        page.body
+    );
+
+    // The failed saga's history: its steps, the failure and the compensation, in order.
+    let page = get(addr, &format!("/admin/queues/sagas/{failed}")).await;
+    assert!(
+        page.body
+            .contains(&format!("Saga <code>{failed}</code>, 8 change(s).")),
+        "{}",
+        page.body
+    );
+    let rows_failed = history(&page);
+    assert_eq!(
+        rows_failed.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        steps(&rows_failed),
+        vec![
+            ("started", None),
+            ("step-requested", Some("reserve")),
+            ("step-completed", Some("reserve")),
+            ("step-requested", Some("charge")),
+            ("step-failed", Some("charge")),
+            ("compensating", Some("reserve")),
+            ("compensated", Some("reserve")),
+            ("failed", None),
+        ]
+    );
+    assert_eq!(rows_failed[0].2["steps"], json!(["reserve", "charge"]));
+    assert_eq!(
+        rows_failed[0].2["input"],
+        json!({"order": 2, "card": "declined"})
+    );
+    assert_eq!(rows_failed[2].2["output"], json!({"reservation": "r-2"}));
+    assert!(
+        rows_failed[4].2["error"]
+            .as_str()
+            .unwrap()
+            .contains("card declined by the issuer"),
+        "{:?}",
+        rows_failed[4]
+    );
+
+    // The completed one: both steps, then its completion.
+    let rows_done = history(&get(addr, &format!("/admin/queues/sagas/{completed}")).await);
+    assert_eq!(
+        steps(&rows_done),
+        vec![
+            ("started", None),
+            ("step-requested", Some("reserve")),
+            ("step-completed", Some("reserve")),
+            ("step-requested", Some("charge")),
+            ("step-completed", Some("charge")),
+            ("completed", None),
+        ]
+    );
+    assert_eq!(rows_done[4].2["output"], json!({"payment": "p-1"}));
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
