@@ -407,3 +407,139 @@ async fn sagas_are_listed_by_status_and_a_history_shows_its_steps_in_order() {
     assert_eq!(rows_done[4].2["output"], json!({"payment": "p-1"}));
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// The positions of a log page's rows and the operation each links to, as shown (newest
+/// first).
+fn log_rows(page: &Reply) -> (Vec<u64>, Vec<String>) {
+    let positions = rows(&page.body, "<table>")
+        .iter()
+        .map(|r| r[0].parse().unwrap())
+        .collect();
+    let operations = common::links(&page.body, "/admin/queues/operations/")
+        .iter()
+        .map(|l| l["/admin/queues/operations/".len()..].to_owned())
+        .collect();
+    (positions, operations)
+}
+
+/// The text of the result of `verify`.
+fn verify_result(page: &Reply) -> String {
+    let at = page
+        .body
+        .find("id=\"verify-result\"")
+        .unwrap_or_else(|| panic!("no result in\n{}", page.body));
+    let rest = &page.body[at..];
+    common::text(&rest[rest.find('>').unwrap() + 1..rest.find("</div>").unwrap()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_pages_by_position_and_verify_names_an_edited_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("log.db");
+    let bus = bus_builder(&db).build().await.unwrap();
+    let mut ops = Vec::new();
+    for n in 0..130u64 {
+        ops.push(
+            bus.publish(Event::new("tick", json!({ "n": n })))
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Where each landed (the bus's own start is a commit too).
+    let log = bus.read_log(0, 1000).await.unwrap();
+    let position_of = |op: &str| {
+        log.iter()
+            .find(|c| c.operation_id.to_string() == op)
+            .unwrap()
+            .position
+    };
+    let first = position_of(&ops[0]);
+    for (i, op) in ops.iter().enumerate() {
+        assert_eq!(
+            position_of(op),
+            first + i as u64,
+            "one commit after another"
+        );
+    }
+    let addr = serve(&bus).await;
+    let head = bus.inspect().head().await.unwrap();
+    assert_eq!(head, first + 129);
+
+    // After a position: the next 50 commits, newest first, each linking to its operation.
+    let after = first + 9;
+    let page = get(addr, &format!("/admin/queues/log?after={after}")).await;
+    let (positions, operations) = log_rows(&page);
+    assert_eq!(
+        positions,
+        (after + 1..=after + 50).rev().collect::<Vec<_>>()
+    );
+    let expected: Vec<String> = ops[10..60].iter().rev().cloned().collect();
+    assert_eq!(operations, expected);
+    assert!(page
+        .body
+        .contains(&format!("positions {}–{} of {head}", after + 1, after + 50)));
+    // Its "newer" link leads to the 50 after those; the last page ends at the head.
+    let newer = format!("/admin/queues/log?after={}", after + 50);
+    assert!(
+        common::links(&page.body, "/admin/queues/log?after=").contains(&newer),
+        "{}",
+        page.body
+    );
+    let (positions, operations) = log_rows(&get(addr, &newer).await);
+    assert_eq!(
+        positions,
+        (after + 51..=after + 100).rev().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        operations,
+        ops[60..110].iter().rev().cloned().collect::<Vec<_>>()
+    );
+    let (positions, _) =
+        log_rows(&get(addr, &format!("/admin/queues/log?after={}", after + 100)).await);
+    assert_eq!(positions, (after + 101..=head).rev().collect::<Vec<_>>());
+    // Without a position: the latest 50.
+    let (positions, _) = log_rows(&get(addr, "/admin/queues/log").await);
+    assert_eq!(positions, (head - 49..=head).rev().collect::<Vec<_>>());
+
+    // An intact chain verifies.
+    let result = verify_result(&get(addr, "/admin/queues/log/verify").await);
+    assert!(
+        result.starts_with(&format!("intact Every commit verified: {head} commits")),
+        "{result}"
+    );
+
+    // A payload edited in the file: verify names the commit's position and links to it.
+    let edited = position_of(&ops[40]);
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.busy_timeout(HANG).unwrap();
+        let changed = conn
+            .execute(
+                "UPDATE messages SET payload = '{\"n\":999}' WHERE position = ?1",
+                [i64::try_from(edited).unwrap()],
+            )
+            .unwrap();
+        assert_eq!(changed, 1);
+    }
+    let page = get(addr, "/admin/queues/log/verify").await;
+    let result = verify_result(&page);
+    assert_eq!(
+        result,
+        format!(
+            "broken The chain breaks at position {edited}: its content does not match its data \
+             hash (the commit was edited). {} commit(s) before it verified.",
+            edited - 1
+        )
+    );
+    let around = format!("/admin/queues/log?around={edited}");
+    assert!(
+        page.body
+            .contains(&format!("<a href=\"{around}\">{edited}</a>")),
+        "{}",
+        page.body
+    );
+    let (positions, _) = log_rows(&get(addr, &around).await);
+    assert!(positions.contains(&edited), "{positions:?}");
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
