@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use txbus_core::store::{DeadLetterQuery, NewDelivery};
 use txbus_core::{Bus, Commit, Event, KvWrite, Message, On};
-use txbus_dashboard::{Alert, AlertCondition, Alerts, ALERT_EVENT};
+use txbus_dashboard::{Alert, AlertCondition, Alerts, CheckReport, ALERT_EVENT};
 
 const HANG: Duration = Duration::from_secs(60);
 
@@ -187,5 +187,132 @@ async fn thresholds_raise_one_alert_each_until_they_clear() {
     .await;
     assert_eq!(got.iter().filter(|a| a.state == "cleared").count(), 2);
     assert!(alerts.check().await.unwrap().cleared.is_empty());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_too_long_alert_clears_once_the_delivery_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    let pager = |received: Arc<Mutex<Vec<Alert>>>| {
+        move |m: Message| {
+            let r = Arc::clone(&received);
+            async move {
+                r.lock()
+                    .unwrap()
+                    .push(serde_json::from_value(m.payload().clone()).unwrap());
+                Ok(())
+            }
+        }
+    };
+    let pending = AlertCondition::PendingTooLong {
+        handler: "elsewhere".into(),
+    };
+
+    // A bus without the handler `elsewhere`: its delivery waits.
+    let first: Arc<Mutex<Vec<Alert>>> = Arc::default();
+    let bus = Bus::builder()
+        .store(txbus_sqlite::SqliteStore::open(&db).unwrap())
+        .handler("pager", On::event(ALERT_EVENT), pager(Arc::clone(&first)))
+        .build()
+        .await
+        .unwrap();
+    let mut waiting = bus
+        .prepare(Commit::new().event(Event::new("far.away", json!({"n": 1}))))
+        .unwrap();
+    waiting.deliveries.push(NewDelivery {
+        message_index: 0,
+        handler: Arc::from("elsewhere"),
+        leased: false,
+    });
+    bus.store().append(waiting).await.unwrap();
+    let alerts = Alerts::builder(bus.clone())
+        .on_pending_older_than(Duration::from_millis(1))
+        .build();
+    let b = bus.clone();
+    tokio::time::timeout(HANG, async {
+        loop {
+            let counts = b.inspect().handler_counts().await.unwrap();
+            let now = txbus_core::time::now_ms();
+            if counts
+                .iter()
+                .any(|h| h.handler == "elsewhere" && h.oldest_pending_age_ms(now) > 1)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the pending delivery gets older than its threshold");
+    let report = alerts.check().await.unwrap();
+    assert_eq!(report.raised, vec![pending.clone()]);
+    let raised = until("the pager receives the alert", || {
+        first.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        (&raised.condition, raised.state.as_str()),
+        (&pending, "raised")
+    );
+    // While it still waits, the alert holds.
+    assert_eq!(alerts.check().await.unwrap(), Default::default());
+    drop(alerts);
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop(bus);
+
+    // The service comes back with the handler: the delivery runs, and the alert clears.
+    let ran: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let r = Arc::clone(&ran);
+    let second: Arc<Mutex<Vec<Alert>>> = Arc::default();
+    let bus = Bus::builder()
+        .store(txbus_sqlite::SqliteStore::open(&db).unwrap())
+        .handler("elsewhere", On::event("far.away"), move |m: Message| {
+            let r = Arc::clone(&r);
+            async move {
+                r.lock().unwrap().push(m.payload().clone());
+                Ok(())
+            }
+        })
+        .handler("pager", On::event(ALERT_EVENT), pager(Arc::clone(&second)))
+        .build()
+        .await
+        .unwrap();
+    let alerts = Alerts::builder(bus.clone())
+        .on_pending_older_than(Duration::from_millis(1))
+        .build();
+    let b = bus.clone();
+    let done = tokio::time::timeout(HANG, async {
+        loop {
+            let counts = b.inspect().handler_counts().await.unwrap();
+            if let Some(h) = counts.into_iter().find(|h| h.handler == "elsewhere") {
+                if h.succeeded == 1 && h.pending == 0 && h.leased == 0 {
+                    return h;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the waiting delivery runs");
+    assert_eq!(done.oldest_pending_due_ms, None);
+    assert_eq!(*ran.lock().unwrap(), vec![json!({"n": 1})]);
+    let report = alerts.check().await.unwrap();
+    assert_eq!(
+        report,
+        CheckReport {
+            raised: vec![],
+            cleared: vec![pending.clone()],
+        }
+    );
+    let cleared = until("the pager receives the clear", || {
+        second.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(
+        (&cleared.condition, cleared.state.as_str()),
+        (&pending, "cleared")
+    );
+    assert_eq!(alerts.check().await.unwrap(), Default::default());
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }

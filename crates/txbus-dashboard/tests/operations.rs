@@ -8,11 +8,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{basic, http, HANG, OPERATOR_PASSWORD, VIEWER_PASSWORD};
+use common::{basic, http, serve, HANG, VIEWER_PASSWORD};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use txbus_core::{Backoff, Bus, BusBuilder, Event, HandlerError, Message, On};
-use txbus_dashboard::{Dashboard, Role};
 use txbus_saga::compensating::{Compensation, Compensations};
 use txbus_sqlite::SqliteStore;
 
@@ -22,21 +21,6 @@ fn bus_builder(dir: &std::path::Path) -> BusBuilder {
         .max_retries(0)
         .backoff(Backoff::fixed(Duration::from_millis(5)))
         .poll_interval(Duration::from_millis(50))
-}
-
-/// Serves the dashboard of `bus` on a free loopback port, refreshing live pages quickly.
-async fn serve(bus: &Bus) -> SocketAddr {
-    let dashboard = Dashboard::builder(bus.clone())
-        .user("operator", OPERATOR_PASSWORD, Role::Operator)
-        .user("viewer", VIEWER_PASSWORD, Role::Viewer)
-        .refresh(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    let app = dashboard.mount(axum::Router::new(), "/admin/queues");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,6 +320,186 @@ async fn the_live_stream_of_a_running_operation_sends_its_end_when_it_finishes()
     // Every frame before it showed the operation still running.
     for e in &all[..all.len() - 1] {
         assert!(e.data.contains("badge pending"), "{e:?}");
+    }
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The operations listed by a search page, in order, as (id, status), leaving out the bus's
+/// own system commits (its start).
+fn listed_with_status(page: &common::Reply) -> Vec<(String, String)> {
+    assert_eq!(page.status, 200, "{}", page.body);
+    common::rows(&page.body, "<table>")
+        .into_iter()
+        .filter(|r| r.len() == 8 && r[2] != "system")
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect()
+}
+
+/// The operation ids listed by a search page, in order.
+fn listed(page: &common::Reply) -> Vec<String> {
+    listed_with_status(page)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_found_by_id_by_status_and_by_time_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = bus_builder(dir.path())
+        .handler(
+            "billing",
+            On::event("order.placed"),
+            |m: Message| async move {
+                if m.payload()["card"] == "declined" {
+                    return Err(HandlerError::reject("card declined by the issuer"));
+                }
+                Ok(())
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let run = |card: &'static str| {
+        let bus = bus.clone();
+        async move {
+            let op = bus
+                .transact([Event::new("order.placed", json!({ "card": card }))])
+                .await
+                .unwrap();
+            tokio::time::timeout(HANG, op.outcome())
+                .await
+                .unwrap()
+                .unwrap();
+            let detail = bus.inspect().operation(op.id()).await.unwrap().unwrap();
+            (op.id().to_string(), detail.summary.created_at_ms)
+        }
+    };
+    let (paid, paid_at) = run("visa").await;
+    // The second one is committed in a later millisecond, so a window can part them.
+    tokio::time::timeout(HANG, async {
+        while txbus_core::time::now_ms() <= paid_at {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let (declined, declined_at) = run("declined").await;
+    assert!(declined_at > paid_at);
+
+    let addr = serve(&bus).await;
+    let auth = basic("viewer", VIEWER_PASSWORD);
+    let get = |path: String| {
+        let auth = auth.clone();
+        async move { http(addr, "GET", &path, &[("Authorization", &auth)], b"").await }
+    };
+
+    // By id: the search leads to that operation's page, and to no other.
+    for id in [&paid, &declined] {
+        let found = get(format!("/admin/queues/operations?id={id}")).await;
+        assert_eq!(found.status, 303, "{}", found.body);
+        assert_eq!(
+            common::location(&found),
+            format!("/admin/queues/operations/{id}")
+        );
+        let page = get(common::location(&found)).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let other = if id == &paid { &declined } else { &paid };
+        assert!(
+            page.body.contains(&format!("<code>{id}</code>")),
+            "{}",
+            page.body
+        );
+        assert!(!page.body.contains(other.as_str()), "{}", page.body);
+    }
+    let expected_status = |id: &str| {
+        if id == paid {
+            "succeeded"
+        } else {
+            "failed"
+        }
+    };
+    for id in [&paid, &declined] {
+        let page = get(format!("/admin/queues/operations/{id}")).await;
+        assert!(
+            page.body.contains(&format!(
+                "Operation <span class=\"badge {s}\">{s}</span>",
+                s = expected_status(id)
+            )),
+            "{}",
+            page.body
+        );
+    }
+
+    // By status: each lists its operation only.
+    assert_eq!(
+        listed_with_status(&get("/admin/queues/operations?status=succeeded".into()).await),
+        vec![(paid.clone(), "succeeded".to_owned())]
+    );
+    assert_eq!(
+        listed_with_status(&get("/admin/queues/operations?status=failed".into()).await),
+        vec![(declined.clone(), "failed".to_owned())]
+    );
+    // Without a status, both.
+    assert_eq!(
+        listed(&get("/admin/queues/operations".into()).await),
+        vec![declined.clone(), paid.clone()]
+    );
+    assert_eq!(
+        listed(&get("/admin/queues/operations?status=pending".into()).await),
+        Vec::<String>::new()
+    );
+
+    // By time: `from_ms` is included, `to_ms` is not.
+    let window = |from: Option<i64>, to: Option<i64>| {
+        let mut path = "/admin/queues/operations?".to_owned();
+        if let Some(f) = from {
+            path.push_str(&format!("from_ms={f}&"));
+        }
+        if let Some(t) = to {
+            path.push_str(&format!("to_ms={t}&"));
+        }
+        get(path)
+    };
+    let only_paid = listed(&window(Some(paid_at), Some(paid_at + 1)).await);
+    assert!(only_paid.contains(&paid), "{only_paid:?}");
+    assert!(!only_paid.contains(&declined), "{only_paid:?}");
+    let before_declined = listed(&window(None, Some(declined_at)).await);
+    assert!(before_declined.contains(&paid), "{before_declined:?}");
+    assert!(!before_declined.contains(&declined), "{before_declined:?}");
+    let from_declined = listed(&window(Some(declined_at), None).await);
+    assert!(from_declined.contains(&declined), "{from_declined:?}");
+    assert!(!from_declined.contains(&paid), "{from_declined:?}");
+    let both = listed(&window(Some(paid_at), Some(declined_at + 1)).await);
+    assert!(both.contains(&paid) && both.contains(&declined), "{both:?}");
+    // Newest first.
+    let at = |id: &str| both.iter().position(|x| x == id).unwrap();
+    assert!(at(&declined) < at(&paid), "{both:?}");
+    // Time and status together.
+    assert_eq!(
+        listed(
+            &get(format!(
+                "/admin/queues/operations?status=failed&to_ms={declined_at}"
+            ))
+            .await
+        ),
+        Vec::<String>::new()
+    );
+    // The last minutes, as the form offers them.
+    let recent = listed(&get("/admin/queues/operations?since=15".into()).await);
+    assert!(
+        recent.contains(&paid) && recent.contains(&declined),
+        "{recent:?}"
+    );
+    // A window that is no time is refused, naming the parameter.
+    for (query, says) in [
+        ("from_ms=yesterday", "from_ms"),
+        ("to_ms=1e3", "to_ms"),
+        ("since=soon", "since"),
+    ] {
+        let r = get(format!("/admin/queues/operations?{query}")).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        assert!(r.body.contains(says), "{query}: {}", r.body);
     }
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }

@@ -19,14 +19,22 @@ use crate::format;
 use crate::layout::{self, badge, Section};
 use crate::Inner;
 
+/// The query of the search page: `?id=` leads to that operation's page; otherwise `status`
+/// and a time window (`since` minutes back, or `from_ms`/`to_ms`) filter the list. A value
+/// that does not parse is answered 400 naming its parameter.
 #[derive(Debug, Deserialize, Default)]
 pub(crate) struct Search {
+    /// An operation id: the search goes to its page.
     id: Option<String>,
+    /// `pending`, `succeeded`, `failed` or `pruned`.
     status: Option<String>,
     /// Only the last this many minutes.
     since: Option<String>,
+    /// Only operations committed at or after this time, ms since the epoch (wins over `since`).
     from_ms: Option<i64>,
+    /// Only operations committed before this time, ms since the epoch.
     to_ms: Option<i64>,
+    /// The next page: commits with an id below this one.
     before: Option<u64>,
 }
 

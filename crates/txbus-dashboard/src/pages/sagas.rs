@@ -44,7 +44,7 @@ pub(crate) async fn list(
         div.toolbar {
             @for s in SagaStatus::ALL {
                 a href={ (base) "/sagas?status=" (s.as_str()) } {
-                    @if s == status { strong { (badge(s.as_str())) } } @else { (s.as_str().replace('_', " ")) }
+                    @if s == status { strong { (badge(s.as_str())) } } @else { (s.as_str().replace('-', " ")) }
                 }
             }
         }
@@ -62,7 +62,7 @@ pub(crate) async fn list(
                             td.error { (s.error.as_deref().map(|e| format::clip(e, 120)).unwrap_or_default()) }
                         }
                     }
-                    @if sagas.is_empty() { tr { td colspan="6" .muted { "No saga is " (status.as_str().replace('_', " ")) "." } } }
+                    @if sagas.is_empty() { tr { td colspan="6" .muted { "No saga is " (status.as_str().replace('-', " ")) "." } } }
                 }
             }
             @if sagas.len() == 50 {

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use txbus_core::Bus;
+use txbus_dashboard::{Dashboard, Role};
 
 #[path = "../../examples/dashboard.rs"]
 #[allow(dead_code, clippy::print_stdout, clippy::print_stderr)]
@@ -45,6 +47,22 @@ pub async fn start() -> Running {
         demo,
         _dir: dir,
     }
+}
+
+/// Serves the dashboard of `bus` at `/admin/queues` on a free loopback port (users `operator`
+/// and `viewer`), refreshing live pages quickly.
+pub async fn serve(bus: &Bus) -> SocketAddr {
+    let dashboard = Dashboard::builder(bus.clone())
+        .user("operator", OPERATOR_PASSWORD, Role::Operator)
+        .user("viewer", VIEWER_PASSWORD, Role::Viewer)
+        .refresh(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let app = dashboard.mount(axum::Router::new(), "/admin/queues");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
 }
 
 pub fn basic(user: &str, password: &str) -> String {
@@ -118,4 +136,75 @@ pub fn csrf_of(page: &str) -> String {
         .expect("a form with a CSRF token");
     let rest = &page[at + "name=\"csrf\" value=\"".len()..];
     rest[..rest.find('"').unwrap()].to_owned()
+}
+
+/// A page's text with its tags left out and its entities decoded, whitespace squeezed.
+pub fn text(html: &str) -> String {
+    let mut out = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => in_tag = false,
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    let out = out
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The rows of the first table body of a page (or of the part after `from`), each as the
+/// text of its cells.
+pub fn rows(page: &str, from: &str) -> Vec<Vec<String>> {
+    let at = page
+        .find(from)
+        .unwrap_or_else(|| panic!("no {from:?} in\n{page}"));
+    let page = &page[at..];
+    let start = page.find("<tbody>").expect("a table body") + "<tbody>".len();
+    let end = start + page[start..].find("</tbody>").expect("the body's end");
+    page[start..end]
+        .split("<tr>")
+        .skip(1)
+        .map(|row| {
+            row.split("<td")
+                .skip(1)
+                .map(|cell| {
+                    let inner = &cell[cell.find('>').unwrap() + 1..];
+                    text(inner.split("</td>").next().unwrap())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The targets of the links of a page that start with `prefix`, in order.
+pub fn links(page: &str, prefix: &str) -> Vec<String> {
+    let needle = format!("href=\"{prefix}");
+    let mut out = Vec::new();
+    let mut rest = page;
+    while let Some(at) = rest.find(&needle) {
+        let from = at + "href=\"".len();
+        let len = rest[from..].find('"').unwrap();
+        out.push(rest[from..from + len].to_owned());
+        rest = &rest[from + len..];
+    }
+    out
+}
+
+/// The `Location` header of a redirect.
+pub fn location(reply: &Reply) -> String {
+    reply
+        .headers
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("location")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no Location in\n{}", reply.headers))
 }
