@@ -16,7 +16,6 @@
 
 mod append;
 mod chain_read;
-mod checkpoint;
 mod claim;
 mod commit_meta;
 mod complete;
@@ -121,9 +120,6 @@ struct Inner {
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Copies committed pages from the log into the file (see `checkpoint`); stops once the
-    /// writer has.
-    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
     lock: Mutex<Option<lock::FileLock>>,
     signer: commit_meta::SharedSigner,
@@ -205,8 +201,7 @@ impl SqliteStore {
             .map_err(sql("configuring the read connection"))?;
 
         let signer = commit_meta::SharedSigner::default();
-        let (nudge, checkpointer) = checkpoint::start(&conn, &path, |c| configure(c, &options))?;
-        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer), nudge)?;
+        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer))?;
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("txbus-sqlite-writer".into())
@@ -218,7 +213,6 @@ impl SqliteStore {
                 path,
                 sender: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
-                checkpointer: Mutex::new(Some(checkpointer)),
                 reader: Arc::new(Mutex::new(reader)),
                 lock: Mutex::new(Some(lock)),
                 signer,
@@ -501,18 +495,6 @@ impl Store for SqliteStore {
                 .map_err(|e| Error::backend("waiting for the writer", e))?
                 .map_err(|_| Error::Corrupt("the writer thread panicked".into()))?;
         }
-        let checkpointer = self
-            .inner
-            .checkpointer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = checkpointer {
-            tokio::task::spawn_blocking(move || handle.join())
-                .await
-                .map_err(|e| Error::backend("waiting for the checkpointer", e))?
-                .map_err(|_| Error::Corrupt("the checkpoint thread panicked".into()))?;
-        }
         // The file is free for the next process (or the next open in this one).
         self.inner
             .lock
@@ -532,14 +514,6 @@ impl Drop for Inner {
             .take();
         if let Some(handle) = self
             .writer
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = handle.join();
-        }
-        if let Some(handle) = self
-            .checkpointer
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .take()

@@ -75,8 +75,6 @@ pub(crate) struct State {
 
 pub(crate) struct Writer {
     conn: Connection,
-    /// Wakes the checkpointer as transactions commit.
-    nudge: crate::checkpoint::Nudge,
     signer: crate::commit_meta::SharedSigner,
     state: State,
     max_batch: usize,
@@ -91,7 +89,6 @@ impl Writer {
         conn: Connection,
         max_batch: usize,
         signer: crate::commit_meta::SharedSigner,
-        nudge: crate::checkpoint::Nudge,
     ) -> Result<Self, Error> {
         let head = conn
             .query_row(
@@ -150,7 +147,6 @@ impl Writer {
             .map_err(sql("reading the first outcome"))?;
         Ok(Self {
             conn,
-            nudge,
             signer,
             state: State {
                 position,
@@ -296,7 +292,6 @@ impl Writer {
         let appended = state.position != self.state.position;
         crate::commit_meta::sign_last(&tx, &self.signer, appended, state.position, &state.chain)?;
         tx.commit().map_err(sql("committing"))?;
-        self.nudge.committed();
         self.state = state;
         if abandoned_due {
             self.last_abandoned_scan = Some(Instant::now());
