@@ -425,7 +425,8 @@ async fn first_id_at(conn: &mut PgConnection, schema: &Schema, at_ms: i64) -> Re
     Ok(lo)
 }
 
-const SUMMARY_COLUMNS: &str = "c.id, c.position, c.op_id, c.kind, c.created_at, c.message_count,
+const SUMMARY_COLUMNS: &str = "c.id,
+     (SELECT s.position FROM {s}.commit_seals s WHERE s.commit_id = c.id), c.op_id, c.kind, c.created_at, c.message_count,
      c.op_status, c.op_remaining, c.op_error, c.op_finished_at,
      (SELECT m.event_type FROM {s}.messages m WHERE m.commit_id = c.id AND m.idx = 0)";
 
@@ -556,7 +557,9 @@ pub(crate) async fn operation_detail(
 ) -> Result<Option<OperationDetail>, Error> {
     let mut conn = pool.acquire().await.map_err(db("reading an operation"))?;
     let row: Option<PgRow> = sqlx::query(&schema.sql(&format!(
-        "SELECT {SUMMARY_COLUMNS}, c.data_hash, c.chain_hash FROM {{s}}.commits c WHERE c.op_id = $1"
+        "SELECT {SUMMARY_COLUMNS}, c.data_hash,
+             (SELECT s.chain_hash FROM {{s}}.commit_seals s WHERE s.commit_id = c.id)
+         FROM {{s}}.commits c WHERE c.op_id = $1"
     )))
     .bind(PgUuid(id.0))
     .fetch_optional(&mut *conn)

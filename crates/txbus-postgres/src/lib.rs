@@ -284,6 +284,7 @@ impl PostgresStore {
             stall_timeout: options.stall_timeout,
             last_abandoned_scan: AtomicI64::new(0),
             signer: commit_meta::SharedSigner::default(),
+            seal_active: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let lanes = writer::spawn(&shared, rx, options.writer_lanes, options.max_batch);

@@ -21,6 +21,9 @@ use crate::context::{stopped, Shared};
 use crate::error::db;
 use crate::schema::Schema;
 
+/// The payload of the work notification a sealing round sends.
+pub(crate) const SEALED: &str = "sealed";
+
 /// Announces work (new commits, deliveries back to pending) in the caller's transaction.
 pub(crate) async fn work(conn: &mut PgConnection, schema: &Schema) -> Result<(), Error> {
     sqlx::query("SELECT pg_notify($1, '')")
@@ -156,7 +159,11 @@ fn reconnected(shared: &Shared, events: &broadcast::Sender<Notification>) {
 fn dispatch(shared: &Shared, events: &broadcast::Sender<Notification>, n: &PgNotification) {
     let channel = n.channel();
     if channel == shared.schema.work_channel {
-        shared.seal_wake.notify_one();
+        // New commits wake the sealer; a round of the sealer ("sealed") wakes the readers of
+        // the log, whose next commits have just got their positions.
+        if n.payload() != SEALED {
+            shared.seal_wake.notify_one();
+        }
         let _ = events.send(Notification::Work);
     } else if channel == shared.schema.subscriptions_channel {
         let _ = events.send(Notification::Subscriptions);

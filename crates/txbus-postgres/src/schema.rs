@@ -250,6 +250,7 @@ CREATE TABLE {s}.commit_signatures (
     signature BYTEA  NOT NULL
 );
 "#,
+    crate::seal::MIGRATION,
 ];
 
 /// The newest schema version this build knows.

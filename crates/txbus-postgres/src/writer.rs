@@ -238,7 +238,12 @@ async fn transaction(
     batch: &[Request],
 ) -> Result<Vec<Out>, Failed> {
     if conn.is_none() {
-        *conn = Some(shared.dedicated().await.map_err(Failed::before_commit)?);
+        *conn = Some(
+            shared
+                .dedicated(crate::context::Plans::Fresh)
+                .await
+                .map_err(Failed::before_commit)?,
+        );
     }
     let Some(c) = conn.as_mut() else {
         return Err(Failed::before_commit(Error::Closed));
@@ -347,6 +352,12 @@ async fn apply(
         .map_err(db("recording heartbeats"))?;
     }
 
+    if batch
+        .iter()
+        .any(|r| matches!(r.op, Op::Release(_) | Op::Inspect(_) | Op::Prune(_)))
+    {
+        crate::context::custom_plans(conn).await?;
+    }
     for (i, r) in batch.iter().enumerate() {
         let out = match &r.op {
             Op::Release(owner) => {
