@@ -30,8 +30,7 @@ pub(crate) struct Claim<'a> {
     pub(crate) lease_ttl: Duration,
 }
 
-/// A leased row: id, fence, attempts, commit id, message index, handler.
-/// id, fence, attempts, commit id, message index, handler, interruptions.
+/// A leased row: id, fence, attempts, commit id, message index, handler, interruptions.
 type Leased = (i64, i64, i32, i64, i32, String, i32);
 
 /// Leases up to `limit` due deliveries. Leases of stopped buses are looked for at most every
@@ -71,6 +70,17 @@ pub(crate) async fn claim(
     let last = shared.last_abandoned_scan.load(Ordering::Relaxed);
     if room > 0 && now - last >= every {
         shared.last_abandoned_scan.store(now, Ordering::Relaxed);
+        // Leases a stopped bus held on its commits' rows become rows first (see
+        // `crate::inline`), then are taken over like every other.
+        sqlx::query_scalar::<_, i64>(&schema.sql(crate::inline::ABANDONED))
+            .bind(PgUuid(req.owner))
+            .bind(now)
+            .bind(req.handlers)
+            .bind(room)
+            .bind(ttl)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("materializing leases of stopped buses"))?;
         let taken: Vec<Leased> = sqlx::query_as(&schema.sql(
             "WITH alive AS (
                  SELECT owner FROM {s}.owners WHERE heartbeat_at >= $2 - $5),
@@ -105,7 +115,9 @@ pub(crate) async fn claim(
             "DELETE FROM {s}.owners o
              WHERE o.heartbeat_at < $1 - $2 AND o.owner <> $3
                AND NOT EXISTS (SELECT 1 FROM {s}.deliveries d
-                               WHERE d.status = 1 AND d.owner = o.owner)",
+                               WHERE d.status = 1 AND d.owner = o.owner)
+               AND NOT EXISTS (SELECT 1 FROM {s}.commits c
+                               WHERE c.inline_open <> 0 AND c.inline_owner = o.owner)",
         ))
         .bind(now)
         .bind(ttl)

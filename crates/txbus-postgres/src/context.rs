@@ -10,15 +10,6 @@ use txbus_core::store::Error;
 use crate::error::db;
 use crate::schema::Schema;
 
-/// How a dedicated connection plans its statements (see [`Shared::dedicated`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Plans {
-    /// Planned once per connection, as index lookups.
-    Kept,
-    /// Planned at each execution, for the data at hand (as the pool's connections are).
-    Fresh,
-}
-
 pub(crate) struct Shared {
     pub(crate) pool: PgPool,
     pub(crate) schema: Schema,
@@ -42,23 +33,18 @@ impl Shared {
     /// sealer): it never waits for a pool slot, and a session lock on it never goes back to
     /// the pool.
     ///
-    /// With [`Plans::Kept`], its statements are planned once and the plan kept
-    /// (`force_generic_plan`), which saves planning each time. That is safe when every
-    /// statement the task runs reaches table rows only through keys (ids, owners, keys given as
-    /// parameters, or index ranges), since sequential scans are ruled out for the session: a
-    /// plan made while a table is empty is then the same index lookup as one made when it
-    /// holds millions of rows. Statements whose best plan does depend on the data (retention,
-    /// releases, dead-letter actions) ask for a fresh plan in their own transaction (see
-    /// [`custom_plans`]).
-    pub(crate) async fn dedicated(&self, plans: Plans) -> Result<PgConnection, Error> {
-        let options = (*self.pool.connect_options()).clone();
-        let options = match plans {
-            Plans::Kept => options.options([
-                ("plan_cache_mode", "force_generic_plan"),
-                ("enable_seqscan", "off"),
-            ]),
-            Plans::Fresh => options,
-        };
+    /// Its statements are planned once and the plan kept (`force_generic_plan`), which saves
+    /// planning each time. That is safe because every statement these tasks run reaches table
+    /// rows only through keys (ids, owners, keys given as parameters, or index ranges) and
+    /// sequential scans are ruled out for the session: a plan made while a table is empty is
+    /// then the same index lookup as one made when it holds millions of rows. Statements whose
+    /// best plan does depend on the data (retention, releases, dead-letter actions) ask for a
+    /// fresh plan in their own transaction (see [`custom_plans`]).
+    pub(crate) async fn dedicated(&self) -> Result<PgConnection, Error> {
+        let options = (*self.pool.connect_options()).clone().options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ]);
         match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options)).await
         {
             Ok(conn) => conn.map_err(db("opening a connection")),

@@ -53,6 +53,7 @@ mod condition;
 mod context;
 mod error;
 mod history;
+mod inline;
 mod inspect;
 mod kv;
 mod notify;

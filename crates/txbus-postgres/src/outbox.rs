@@ -138,14 +138,11 @@ async fn write_one(
     commit: &NewCommit,
     hash: &txbus_core::chain::Hash,
 ) -> Result<AppendReceipt, Error> {
-    let results = append::write(conn, schema, &[Write::Commit(commit, hash)], now_ms()).await?;
+    // No sealer of this process learns of the commit otherwise: announce it to all of them.
+    let results =
+        append::write(conn, schema, &[Write::Commit(commit, hash)], now_ms(), true).await?;
     match results.into_iter().next() {
-        Some(Ok(Written::Commit(receipt))) => {
-            if let Some(outcome) = &receipt.finished {
-                crate::notify::finished(conn, schema, &[outcome.operation_id.to_string()]).await?;
-            }
-            Ok(receipt)
-        }
+        Some(Ok(Written::Commit(receipt))) => Ok(receipt),
         Some(Err(conflict)) => Err(Error::Conflict(conflict)),
         _ => Err(Error::Corrupt(
             "the append answered something other than its commit".into(),

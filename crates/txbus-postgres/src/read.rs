@@ -174,14 +174,19 @@ pub(crate) async fn stats(pool: &PgPool, schema: &Schema) -> Result<Stats, Error
     .fetch_one(pool)
     .await
     .map_err(db("counting"))?;
+    // Deliveries kept on their commit's row: open ones are leased, done ones succeeded.
+    let (inline_open, inline_done): (i64, i64) = sqlx::query_as(&schema.sql(crate::inline::COUNTS))
+        .fetch_one(pool)
+        .await
+        .map_err(db("counting inline deliveries"))?;
     Ok(Stats {
         commits: unsigned(c.0),
         messages: unsigned(c.1),
         pending_operations: unsigned(c.2),
         deliveries: DeliveryCounts {
             pending: unsigned(c.3),
-            leased: unsigned(c.4),
-            succeeded: unsigned(c.5),
+            leased: unsigned(c.4) + unsigned(inline_open),
+            succeeded: unsigned(c.5) + unsigned(inline_done),
             rejected: unsigned(c.6),
             dead: unsigned(c.7),
         },

@@ -251,6 +251,7 @@ CREATE TABLE {s}.commit_signatures (
 );
 "#,
     crate::seal::MIGRATION,
+    crate::inline::MIGRATION,
 ];
 
 /// The newest schema version this build knows.

@@ -123,7 +123,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             return;
         }
         let connected = tokio::select! {
-            r = shared.dedicated(crate::context::Plans::Kept) => r,
+            r = shared.dedicated() => r,
             () = stopped(&mut stop) => return,
         };
         let ended = match connected {

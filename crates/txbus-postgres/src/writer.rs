@@ -10,6 +10,7 @@
 //! a new connection; if it was lost during COMMIT, the result is unknown and the callers are
 //! told so.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,7 +206,8 @@ async fn attempt(
         if is_connection_lost(&failed.error) {
             // A connection that failed once is not trusted again.
             *conn = None;
-            if !failed.unknown && reconnects < RECONNECTS {
+            let again = !failed.unknown || nothing_written(shared, batch).await;
+            if again && reconnects < RECONNECTS {
                 reconnects += 1;
                 tracing::info!(error = %failed.error, "a writer lane lost its connection; running the batch again on a new one");
                 continue;
@@ -223,6 +225,41 @@ async fn attempt(
     }
 }
 
+/// After a batch of one statement lost its connection (a session that ended while the lane
+/// was idle, most often): true when it certainly wrote nothing, or running it again changes
+/// nothing more, so that it may run again on a new connection. Appends are looked up by
+/// operation id; heartbeats are the same written twice; anything else stays unknown.
+async fn nothing_written(shared: &Shared, batch: &[Request]) -> bool {
+    if !one_statement(batch) {
+        return false;
+    }
+    if batch.iter().all(|r| matches!(r.op, Op::Heartbeat(_))) {
+        return true;
+    }
+    let mut ops = Vec::with_capacity(batch.len());
+    for r in batch {
+        match &r.op {
+            Op::Append(c, _) => ops.push(PgUuid(c.operation_id.0)),
+            _ => return false,
+        }
+    }
+    let found: Result<bool, sqlx::Error> = sqlx::query_scalar(
+        &shared
+            .schema
+            .sql("SELECT EXISTS (SELECT 1 FROM {s}.commits WHERE op_id = ANY ($1::UUID[]))"),
+    )
+    .bind(&ops)
+    .fetch_one(&shared.pool)
+    .await;
+    match found {
+        Ok(found) => !found,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot tell whether a cut-off batch was written");
+            false
+        }
+    }
+}
+
 /// A short, growing, jittered pause so that transactions that deadlocked do not meet again.
 fn conflict_pause_ms(round: u32) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -232,22 +269,49 @@ fn conflict_pause_ms(round: u32) -> u64 {
     u64::from(round) * 5 + u64::from(nanos % 10)
 }
 
+/// True when the batch is one statement, which is then a transaction of its own (one round
+/// trip, instead of two more for BEGIN and COMMIT): appends without conditions, or
+/// completions of distinct deliveries, or heartbeats.
+fn one_statement(batch: &[Request]) -> bool {
+    let unconditional = |c: &NewCommit| c.streams.is_empty() && c.kv.is_empty();
+    if batch
+        .iter()
+        .all(|r| matches!(&r.op, Op::Append(c, _) if unconditional(c)))
+        || batch.iter().all(|r| matches!(r.op, Op::Heartbeat(_)))
+    {
+        return true;
+    }
+    let mut lists = Vec::with_capacity(batch.len());
+    for r in batch {
+        match &r.op {
+            Op::Complete(c) => lists.push(c.as_slice()),
+            _ => return false,
+        }
+    }
+    crate::complete::rounds_needed(&lists) <= 1
+}
+
 async fn transaction(
     shared: &Shared,
     conn: &mut Option<PgConnection>,
     batch: &[Request],
 ) -> Result<Vec<Out>, Failed> {
     if conn.is_none() {
-        *conn = Some(
-            shared
-                .dedicated(crate::context::Plans::Fresh)
-                .await
-                .map_err(Failed::before_commit)?,
-        );
+        *conn = Some(shared.dedicated().await.map_err(Failed::before_commit)?);
     }
     let Some(c) = conn.as_mut() else {
         return Err(Failed::before_commit(Error::Closed));
     };
+    if one_statement(batch) {
+        // A transaction of its own: once sent, it may have committed even if the answer is
+        // lost, so a lost connection leaves the result unknown.
+        return apply(c, shared, batch, now_ms())
+            .await
+            .map_err(|error| Failed {
+                unknown: is_connection_lost(&error),
+                error,
+            });
+    }
     let mut tx = c
         .begin()
         .await
@@ -285,7 +349,6 @@ async fn apply(
     let schema = &shared.schema;
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
     let mut work = false;
-    let mut finished: Vec<String> = Vec::new();
 
     let (at, writes): (Vec<usize>, Vec<Write<'_>>) = batch
         .iter()
@@ -297,15 +360,12 @@ async fn apply(
         })
         .unzip();
     if !writes.is_empty() {
-        let results = append::write(conn, schema, &writes, now).await?;
+        // Without a sealer here, those of other processes are told of the new commits.
+        let wake_sealers = !shared.seal_active.load(Ordering::Acquire);
+        let results = append::write(conn, schema, &writes, now, wake_sealers).await?;
         for (i, result) in at.into_iter().zip(results) {
             outs[i] = Some(match result {
-                Ok(Written::Commit(receipt)) => {
-                    if let Some(outcome) = &receipt.finished {
-                        finished.push(outcome.operation_id.to_string());
-                    }
-                    Out::Append(receipt)
-                }
+                Ok(Written::Commit(receipt)) => Out::Append(receipt),
                 Ok(Written::Kv(versions)) => Out::Kv(versions),
                 Err(conflict) => Out::Conflict(conflict),
             });
@@ -322,7 +382,6 @@ async fn apply(
         .unzip();
     if !lists.is_empty() {
         let done = complete_all(conn, schema, &lists, now).await?;
-        finished.extend(done.finished.iter().map(|op| op.to_string()));
         for (i, effects) in at.into_iter().zip(done.effects) {
             outs[i] = Some(Out::Complete(effects));
         }
@@ -370,7 +429,8 @@ async fn apply(
                 .execute(&mut *conn)
                 .await
                 .map_err(db("releasing leases"))?
-                .rows_affected();
+                .rows_affected()
+                    + crate::inline::release(conn, schema, *owner, now).await?;
                 sqlx::query(&schema.sql("DELETE FROM {s}.owners WHERE owner = $1"))
                     .bind(PgUuid(*owner))
                     .execute(&mut *conn)
@@ -394,7 +454,6 @@ async fn apply(
     if work {
         crate::notify::work(conn, schema).await?;
     }
-    crate::notify::finished(conn, schema, &finished).await?;
     outs.into_iter()
         .map(|o| o.ok_or_else(|| Error::Corrupt("a write request was not answered".into())))
         .collect()
