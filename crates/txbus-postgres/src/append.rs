@@ -14,6 +14,7 @@ use txbus_core::Outcome;
 
 use crate::condition::{self, Granted, Input};
 use crate::error::db;
+use crate::notify::Announcements;
 use crate::pg_uuid::PgUuid;
 use crate::row::{int, unsigned};
 use crate::schema::{op_status, status, Schema};
@@ -24,8 +25,7 @@ use crate::schema::{op_status, status, Schema};
 /// the ids of a commit's first 64 deliveries are its `first_delivery_id` plus 0 to 63); rows
 /// point into the arrays by subscript, so nothing is joined. Deliveries leased to the
 /// committing bus among a commit's first 63 are kept on its row (see [`crate::inline`]); the
-/// others get rows of their own. Data-modifying CTEs all run, referenced or not; the
-/// notifications go out when the transaction commits.
+/// others get rows of their own. Data-modifying CTEs all run, referenced or not.
 const APPEND: &str = "
 WITH ids AS MATERIALIZED (
          SELECT ARRAY(SELECT nextval('{s}.commits_id_seq') FROM generate_series(1, $1::INT)) AS c,
@@ -75,7 +75,8 @@ const STREAMS: &str = ",
                    AS v(commit_o, stream, version, idx))";
 
 /// What [`APPEND`] returns: the commit ids and the delivery id blocks, in order; and it sends
-/// the batch's notifications.
+/// the notifications it is given (only when it writes into the caller's own transaction, see
+/// [`crate::notify`]).
 const RETURNING: &str = "
 SELECT ids.c, ids.b,
        (SELECT count(pg_notify(n.channel, n.payload))
@@ -136,15 +137,17 @@ pub(crate) enum Written {
 /// it wrote, or the conflict that refused it (a refused write leaves nothing; the others are
 /// written all the same). An error means the transaction must not commit.
 ///
-/// The transaction's commits announce themselves: their finished operations, and work when
+/// What the transaction's commits have to announce — their finished operations, and work when
 /// they leave deliveries for whichever bus claims them or `wake_sealers` is set (no sealer of
-/// this process will seal them of its own accord).
+/// this process will seal them of its own accord) — is added to `announce`, or, when that is
+/// `None`, sent by the transaction itself.
 pub(crate) async fn write(
     conn: &mut PgConnection,
     schema: &Schema,
     writes: &[Write<'_>],
     now: i64,
     wake_sealers: bool,
+    announce: Option<&mut Announcements>,
 ) -> Result<Vec<Result<Written, Conflict>>, Error> {
     let conditional: Vec<(usize, Input<'_>)> = writes
         .iter()
@@ -177,7 +180,16 @@ pub(crate) async fn write(
     let receipts = if commits.is_empty() {
         Vec::new()
     } else {
-        append_all(conn, schema, &commits, &stream_rows, now, wake_sealers).await?
+        append_all(
+            conn,
+            schema,
+            &commits,
+            &stream_rows,
+            now,
+            wake_sealers,
+            announce,
+        )
+        .await?
     };
     crate::commit_meta::insert_kv(conn, schema, &commits, &receipts).await?;
     let mut receipts = receipts.into_iter();
@@ -221,6 +233,7 @@ async fn append_all(
     streams: &[StreamRow<'_>],
     now: i64,
     wake_sealers: bool,
+    announce: Option<&mut Announcements>,
 ) -> Result<Vec<AppendReceipt>, Error> {
     let n = commits.len();
     let message_count: usize = commits.iter().map(|(c, _)| c.messages.len()).sum();
@@ -260,8 +273,7 @@ async fn append_all(
     let mut d_fence = Vec::new();
     let mut d_owner: Vec<Option<PgUuid>> = Vec::new();
 
-    let mut channels: Vec<&str> = Vec::new();
-    let mut payloads: Vec<String> = Vec::new();
+    let mut finished_ops = Vec::new();
     let mut pending_rows = false;
 
     // Blocks are numbered from 1 across the batch, like the array they index.
@@ -283,8 +295,7 @@ async fn append_all(
         c_remaining.push(count(c.deliveries.len()));
         c_finished.push(finished.then_some(now));
         if finished {
-            channels.push(&schema.finished_channel);
-            payloads.push(c.operation_id.to_string());
+            finished_ops.push(c.operation_id);
         }
 
         for (i, m) in c.messages.iter().enumerate() {
@@ -334,10 +345,18 @@ async fn append_all(
             d_owner.push(owner);
         }
     }
-    if pending_rows || wake_sealers {
-        channels.push(&schema.work_channel);
-        payloads.push(String::new());
-    }
+    let what = Announcements {
+        work: pending_rows || wake_sealers,
+        sealed: false,
+        finished: finished_ops,
+    };
+    let (channels, payloads) = match announce {
+        Some(announce) => {
+            announce.merge(what);
+            (Vec::new(), Vec::new())
+        }
+        None => what.notifications(schema),
+    };
 
     let sql = if streams.is_empty() {
         schema.sql(&[APPEND, RETURNING].concat())

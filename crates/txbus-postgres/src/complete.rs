@@ -1,6 +1,5 @@
 //! Recording the attempts of one batch: success, retry or failure, each fenced, the outcomes of
-//! the operations they finish, the counters of finished deliveries and the notifications of
-//! finished operations — in one statement.
+//! the operations they finish and the counters of finished deliveries, in one statement.
 //!
 //! The batch is applied as if its completions ran one after the other. Completions of one
 //! delivery that arrive together are applied in rounds, one statement per round, so that a
@@ -35,15 +34,14 @@ use crate::schema::{op_status, status, Schema};
 ///   buckets (after the commit rows, which every writer locks before counter rows).
 /// - The result lists the applied completions (by place in the batch) and the operations
 ///   finished (with the completion that finished each: an operation's last success, or its
-///   first failure, in batch order), whose
-///   notification goes out with the transaction.
+///   first failure, in batch order), to be announced once the transaction commits.
 ///
 /// Every table is reached by keys given as parameters (`= ANY`), so that the plan made once
 /// per connection stays an index lookup whatever the tables hold.
 const ROUND: &str = "
 WITH v AS MATERIALIZED (
          SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::INT[], $5::SMALLINT[],
-                              $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $15::BIGINT[])
+                              $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $14::BIGINT[])
               AS v(id, fence, commit_id, attempts, kind, next_at, error, failure, handler, pos)),
      lk AS MATERIALIZED (
          SELECT c.id, c.op_id, c.op_status, c.op_remaining, c.first_delivery_id, c.inline_open,
@@ -144,8 +142,7 @@ WITH v AS MATERIALIZED (
 SELECT 0::SMALLINT, pos, NULL::UUID, NULL::SMALLINT FROM done
 UNION ALL
 SELECT 1::SMALLINT, CASE WHEN c.after = 1 THEN c.last_ok ELSE c.first_fail END, c.op_id, c.after
-FROM c CROSS JOIN LATERAL pg_notify($14, c.op_id::TEXT) AS notified
-WHERE c.before = 0 AND c.after <> 0";
+FROM c WHERE c.before = 0 AND c.after <> 0";
 
 /// What the completions of a batch did.
 pub(crate) struct Completed {
@@ -167,8 +164,7 @@ pub(crate) fn rounds_needed(requests: &[&[Completion]]) -> usize {
 }
 
 /// Applies every completion of `requests` in the caller's transaction (or as the one
-/// statement of its own when [`rounds_needed`] is 1), counts them and announces the
-/// operations they finish.
+/// statement of its own when [`rounds_needed`] is 1) and counts them.
 pub(crate) async fn complete_all(
     conn: &mut PgConnection,
     schema: &Schema,
@@ -282,7 +278,6 @@ async fn apply_round(
         .bind(now)
         .bind(crate::inspect::SHARDS)
         .bind(minute_of(now))
-        .bind(&schema.finished_channel)
         .bind(&positions)
         .fetch_all(&mut *conn)
         .await

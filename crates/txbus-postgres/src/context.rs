@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     /// True while this process's sealer holds the sealer lock: appends then wake it directly
     /// and need not announce themselves to the sealers of other processes.
     pub(crate) seal_active: AtomicBool,
+    /// What committed transactions have to announce (see [`crate::notify`]).
+    pub(crate) announcer: crate::notify::Announcer,
 }
 
 impl Shared {
@@ -44,6 +46,9 @@ impl Shared {
         let options = (*self.pool.connect_options()).clone().options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
+            // A plan that a disabled sequential scan would price high must not be compiled
+            // (JIT): that takes longer than the whole statement.
+            ("jit", "off"),
         ]);
         match tokio::time::timeout(self.connect_timeout, PgConnection::connect_with(&options)).await
         {

@@ -286,6 +286,7 @@ impl PostgresStore {
             last_abandoned_scan: AtomicI64::new(0),
             signer: commit_meta::SharedSigner::default(),
             seal_active: AtomicBool::new(false),
+            announcer: notify::Announcer::default(),
         });
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let lanes = writer::spawn(&shared, rx, options.writer_lanes, options.max_batch);
@@ -293,7 +294,12 @@ impl PostgresStore {
         let (events, _) = broadcast::channel(NOTIFICATION_BUFFER);
         let tasks = vec![
             tokio::spawn(seal::run(Arc::clone(&shared), stopped.clone())),
-            tokio::spawn(notify::listen(Arc::clone(&shared), events.clone(), stopped)),
+            tokio::spawn(notify::listen(
+                Arc::clone(&shared),
+                events.clone(),
+                stopped.clone(),
+            )),
+            tokio::spawn(notify::announce(Arc::clone(&shared), stopped)),
         ];
         tracing::debug!(schema = shared.schema.name(), "postgres store open");
         Ok(Self {

@@ -139,8 +139,16 @@ async fn write_one(
     hash: &txbus_core::chain::Hash,
 ) -> Result<AppendReceipt, Error> {
     // No sealer of this process learns of the commit otherwise: announce it to all of them.
-    let results =
-        append::write(conn, schema, &[Write::Commit(commit, hash)], now_ms(), true).await?;
+    // In the caller's transaction, so that they go out when it commits.
+    let results = append::write(
+        conn,
+        schema,
+        &[Write::Commit(commit, hash)],
+        now_ms(),
+        true,
+        None,
+    )
+    .await?;
     match results.into_iter().next() {
         Some(Ok(Written::Commit(receipt))) => Ok(receipt),
         Some(Err(conflict)) => Err(Error::Conflict(conflict)),

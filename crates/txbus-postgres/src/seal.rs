@@ -60,6 +60,10 @@ ALTER TABLE {s}.chain_head ADD COLUMN seal_xmax BIGINT   NOT NULL DEFAULT 2,
 
 /// Most commits sealed in one round.
 const ROUND: usize = 1000;
+/// Rounds start at least this far apart, so that commits that keep coming are sealed together
+/// (one write, one flush, for many) instead of each in a round of its own.
+const GAP: Duration = Duration::from_millis(GAP_MS);
+const GAP_MS: u64 = 5;
 /// How often an idle active sealer looks for work nobody announced.
 const POLL: Duration = Duration::from_millis(50);
 /// How often a standby sealer tries to take over.
@@ -85,8 +89,8 @@ CROSS JOIN LATERAL (
           ORDER BY c.id LIMIT $1) AS u) AS p";
 
 /// The round's seals, the new head (only if the head is still where the round read it), the
-/// snapshot to start from next time (when the round saw everything), the signature, and the
-/// announcement, all or nothing in one statement.
+/// snapshot to start from next time (when the round saw everything) and the signature, all or
+/// nothing in one statement.
 const WRITE_ROUND: &str = "
 WITH h AS (
          UPDATE {s}.chain_head
@@ -101,10 +105,8 @@ WITH h AS (
          WHERE EXISTS (SELECT 1 FROM h)),
      g AS (
          INSERT INTO {s}.commit_signatures (position, key_id, signature)
-         SELECT h.position, $9, $10::BYTEA FROM h WHERE $9::TEXT IS NOT NULL),
-     n AS (
-         SELECT pg_notify($11, $12) FROM h)
-SELECT (SELECT count(*) FROM h)::BIGINT, (SELECT count(*) FROM n)::BIGINT";
+         SELECT h.position, $9, $10::BYTEA FROM h WHERE $9::TEXT IS NOT NULL)
+SELECT count(*)::BIGINT FROM h";
 
 /// How a session of the sealer ended.
 enum Ended {
@@ -187,6 +189,7 @@ async fn session(
     shared.seal_active.store(true, Ordering::Release);
     tracing::info!(schema = schema.name(), "this process seals the chain");
     loop {
+        let started = tokio::time::Instant::now();
         match seal(&mut conn, shared).await {
             Ok(n) if n >= ROUND => continue,
             Ok(_) => {}
@@ -194,7 +197,10 @@ async fn session(
             Err(e) => tracing::error!(error = %e, "sealing the chain failed; retrying"),
         }
         tokio::select! {
-            () = shared.seal_wake.notified() => {}
+            () = async {
+                shared.seal_wake.notified().await;
+                tokio::time::sleep_until(started + GAP).await;
+            } => {}
             () = tokio::time::sleep(POLL) => {}
             () = stopped(stop) => {
                 // What this process appended before closing is sealed before it lets go.
@@ -282,7 +288,7 @@ pub(crate) async fn seal(conn: &mut PgConnection, shared: &Shared) -> Result<usi
     let signature = signer
         .as_deref()
         .map(|s: &CommitSigner| s.sign(u64::try_from(position).unwrap_or(0), &chain));
-    let (written, _): (i64, i64) = sqlx::query_as(&schema.sql(WRITE_ROUND))
+    let written: i64 = sqlx::query_scalar(&schema.sql(WRITE_ROUND))
         .bind(&ids)
         .bind(&positions)
         .bind(&chains)
@@ -293,8 +299,6 @@ pub(crate) async fn seal(conn: &mut PgConnection, shared: &Shared) -> Result<usi
         .bind(head)
         .bind(signature.as_ref().map(|s| s.key_id.as_str()))
         .bind(signature.as_ref().map(|s| &s.signature[..]))
-        .bind(&schema.work_channel)
-        .bind(crate::notify::SEALED)
         .fetch_one(&mut *conn)
         .await
         .map_err(db("sealing commits"))?;
@@ -307,6 +311,11 @@ pub(crate) async fn seal(conn: &mut PgConnection, shared: &Shared) -> Result<usi
         );
         return Ok(0);
     }
+    // Readers of the log, in every process, may read on.
+    shared.announcer.post(crate::notify::Announcements {
+        sealed: true,
+        ..Default::default()
+    });
     tracing::trace!(sealed = ids.len(), head = position, "sealed commits");
     Ok(ids.len())
 }

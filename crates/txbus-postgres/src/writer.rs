@@ -28,6 +28,7 @@ use crate::clock::now_ms;
 use crate::complete::complete_all;
 use crate::context::Shared;
 use crate::error::{db, is_conflict, is_connection_lost, is_stream_taken, shared};
+use crate::notify::Announcements;
 use crate::pg_uuid::PgUuid;
 use crate::prune::{self, Bounds, Step};
 
@@ -195,10 +196,11 @@ async fn attempt(
     let mut reconnects = 0;
     loop {
         let failed = match transaction(shared, conn, batch).await {
-            Ok(outs) => {
+            Ok((outs, announce)) => {
                 if batch.iter().any(|r| matches!(r.op, Op::Append(..))) {
                     shared.seal_wake.notify_one();
                 }
+                shared.announcer.post(announce);
                 return Ok(outs);
             }
             Err(failed) => failed,
@@ -291,11 +293,12 @@ fn one_statement(batch: &[Request]) -> bool {
     crate::complete::rounds_needed(&lists) <= 1
 }
 
+/// Runs the batch in one transaction; returns its results and what it has to announce.
 async fn transaction(
     shared: &Shared,
     conn: &mut Option<PgConnection>,
     batch: &[Request],
-) -> Result<Vec<Out>, Failed> {
+) -> Result<(Vec<Out>, Announcements), Failed> {
     if conn.is_none() {
         *conn = Some(shared.dedicated().await.map_err(Failed::before_commit)?);
     }
@@ -337,18 +340,18 @@ async fn transaction(
     }
 }
 
-/// Applies the batch in the open transaction: appends (which announce their work themselves),
-/// then completions, heartbeats, releases, replays and pruning, then the notifications of what
-/// they did.
+/// Applies the batch in the open transaction: appends, then completions, heartbeats,
+/// releases, replays and pruning; returns their results and what they have to announce once
+/// the transaction commits (see [`crate::notify`]).
 async fn apply(
     conn: &mut PgConnection,
     shared: &Shared,
     batch: &[Request],
     now: i64,
-) -> Result<Vec<Out>, Error> {
+) -> Result<(Vec<Out>, Announcements), Error> {
     let schema = &shared.schema;
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
-    let mut work = false;
+    let mut announce = Announcements::default();
 
     let (at, writes): (Vec<usize>, Vec<Write<'_>>) = batch
         .iter()
@@ -362,7 +365,15 @@ async fn apply(
     if !writes.is_empty() {
         // Without a sealer here, those of other processes are told of the new commits.
         let wake_sealers = !shared.seal_active.load(Ordering::Acquire);
-        let results = append::write(conn, schema, &writes, now, wake_sealers).await?;
+        let results = append::write(
+            conn,
+            schema,
+            &writes,
+            now,
+            wake_sealers,
+            Some(&mut announce),
+        )
+        .await?;
         for (i, result) in at.into_iter().zip(results) {
             outs[i] = Some(match result {
                 Ok(Written::Commit(receipt)) => Out::Append(receipt),
@@ -382,6 +393,11 @@ async fn apply(
         .unzip();
     if !lists.is_empty() {
         let done = complete_all(conn, schema, &lists, now).await?;
+        for effect in done.effects.iter().flatten() {
+            if let CompletionEffect::Applied(Some(outcome)) = effect {
+                announce.finished.push(outcome.operation_id);
+            }
+        }
         for (i, effects) in at.into_iter().zip(done.effects) {
             outs[i] = Some(Out::Complete(effects));
         }
@@ -436,12 +452,12 @@ async fn apply(
                     .execute(&mut *conn)
                     .await
                     .map_err(db("forgetting an owner"))?;
-                work |= n > 0;
+                announce.work |= n > 0;
                 Out::Count(n)
             }
             Op::Inspect(action) => {
                 let acted = crate::inspect::act(conn, schema, action, now).await?;
-                work |= acted.work;
+                announce.work |= acted.work;
                 Out::Acted(acted)
             }
             Op::Prune(bounds) => Out::Prune(prune::step(conn, schema, bounds).await?),
@@ -451,10 +467,9 @@ async fn apply(
     }
 
     crate::inspect::record_batch(conn, schema, batch, &outs, now).await?;
-    if work {
-        crate::notify::work(conn, schema).await?;
-    }
-    outs.into_iter()
+    let outs = outs
+        .into_iter()
         .map(|o| o.ok_or_else(|| Error::Corrupt("a write request was not answered".into())))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((outs, announce))
 }
