@@ -37,11 +37,15 @@ use crate::schema::{op_status, status, Schema};
 ///   first failure, in batch order), to be announced once the transaction commits.
 ///
 /// Every table is reached by keys given as parameters (`= ANY`), so that the plan made once
-/// per connection stays an index lookup whatever the tables hold.
-const ROUND: &str = "
+/// per connection stays an index lookup whatever the tables hold. The lease is checked
+/// against a column of `v` (`d.status = v.leased`), not a constant: with `status = 1` the
+/// planner could prefer to scan the partial index of every leased delivery, a plan that is
+/// cheap only while few are.
+pub(crate) const ROUND: &str = "
 WITH v AS MATERIALIZED (
-         SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::INT[], $5::SMALLINT[],
-                              $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $14::BIGINT[])
+         SELECT v.*, 1::SMALLINT AS leased
+         FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::INT[], $5::SMALLINT[],
+                     $6::BIGINT[], $7::TEXT[], $8::TEXT[], $9::TEXT[], $14::BIGINT[])
               AS v(id, fence, commit_id, attempts, kind, next_at, error, failure, handler, pos)),
      lk AS MATERIALIZED (
          SELECT c.id, c.op_id, c.op_status, c.op_remaining, c.first_delivery_id, c.inline_open,
@@ -76,7 +80,8 @@ WITH v AS MATERIALIZED (
              last_error = v.error,
              updated_at = $11
          FROM v
-         WHERE d.id = ANY ($1::BIGINT[]) AND d.id = v.id AND d.fence = v.fence AND d.status = 1
+         WHERE d.id = ANY ($1::BIGINT[]) AND d.id = v.id AND d.fence = v.fence
+           AND d.status = v.leased
          RETURNING v.pos, v.commit_id, v.kind, v.failure, v.handler),
      done AS MATERIALIZED (
          SELECT pos, commit_id, kind, failure, handler, 0::BIGINT AS fast_bit, 0::BIGINT AS bit

@@ -75,7 +75,7 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 /// snapshot): commits of transactions that the last complete round could not see finished,
 /// without a seal, in id order. The seal check is a subquery per candidate so that it is
 /// always an index probe, whatever the planner thinks of the table's size.
-const READ_ROUND: &str = "
+pub(crate) const READ_ROUND: &str = "
 SELECT h.position, h.chain_hash,
        pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT,
        ARRAY(SELECT x::TEXT::BIGINT FROM pg_snapshot_xip(pg_current_snapshot()) AS x),

@@ -2,13 +2,19 @@
 //! every request waiting (up to a batch), commits them all in one transaction on its own
 //! connection, and answers each once the transaction is committed.
 //!
-//! Several lanes keep the database busy while one waits for its commit to be flushed. A write
-//! whose condition (a stream's expected version, a key's) does not hold is answered with its
-//! conflict and the rest of the batch commits. If a batch fails because of one request, each is
-//! run again alone so only that one fails. If the
-//! connection was lost before COMMIT was sent, nothing was written and the batch runs again on
-//! a new connection; if it was lost during COMMIT, the result is unknown and the callers are
-//! told so.
+//! A batch takes as few statements as it can: all its appends in one, all its
+//! acknowledgements in one. A batch of a single statement (appends only, acknowledgements
+//! only, heartbeats only: what one caller at a time sends) is a transaction of its own, one
+//! round trip, without BEGIN and COMMIT.
+//!
+//! Several lanes keep the database busy while one waits for its commit to be flushed (the
+//! server flushes the commits of concurrent lanes together). A write whose condition (a
+//! stream's expected version, a key's) does not hold is answered with its conflict and the rest
+//! of the batch commits. If a batch fails because of one request, each is run again alone so
+//! only that one fails. If the connection was lost before COMMIT was sent, nothing was written
+//! and the batch runs again on a new connection; if it was lost during COMMIT (or during a
+//! batch's one statement), the result is unknown and the callers are told so, unless the
+//! batch certainly wrote nothing (its appends' operations are not in the store).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
