@@ -151,6 +151,7 @@ async fn fill(store: &Arc<dyn Store>, count: u64) -> Result<(), BoxError> {
                         lease_to: None,
                         streams: Vec::new(),
                         kv: Vec::new(),
+                        acks: Vec::new(),
                     })
                     .await?;
                 n += writers;
@@ -341,17 +342,24 @@ async fn state_at(args: &Args) -> Result<(), BoxError> {
         let mut after: Option<String> = None;
         loop {
             let page = v.kv_scan("", after.as_deref(), 1000).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
-            keys += page.len() as u64;
+            keys += page.items.len() as u64;
+            match page.resume_after {
+                Some(next) => after = Some(next),
+                None => break,
+            }
         }
-        let streams = v.streams(None, 1000).await?;
-        if keys != KEYS || streams.len() as u64 != STREAMS {
-            return Err(format!(
-                "state_at({position}): {keys} keys, {} streams",
-                streams.len()
-            )
-            .into());
+        let mut streams = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let page = v.streams(after.as_deref(), 1000).await?;
+            streams += page.items.len() as u64;
+            match page.resume_after {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        if keys != KEYS || streams != STREAMS {
+            return Err(format!("state_at({position}): {keys} keys, {streams} streams").into());
         }
         full.push(t.elapsed().as_nanos() as u64);
     }

@@ -6,11 +6,17 @@
 //! txbus --store postgres://app@db/app --schema txbus dlq list --json
 //! ```
 //!
+//! ```text
+//! txbus --store sqlite:./data/txbus.db verify --public-key ops-2026=<64 hex digits> --require-signatures
+//! txbus --store sqlite:./data/txbus.db batches show import-users --follow
+//! ```
+//!
 //! Reading commands open an embedded store read-only, so they work while a service holds it;
 //! commands that change the store (`dlq replay`, `dlq discard`) need it free. Exit status: 0 done, 1 the
 //! chain does not verify, 2 an error (said on standard error).
 #![allow(clippy::print_stderr)]
 
+mod batches;
 mod checkpoints;
 mod dlq;
 mod error;
@@ -58,11 +64,35 @@ enum Command {
     /// The log of commits.
     #[command(subcommand)]
     Log(LogCommand),
-    /// Walks the hash chain and reports the first commit that was edited, removed or reordered.
+    /// Walks the log and reports the first commit that was edited, removed or reordered: data
+    /// and chain hashes, and signatures when public keys are given.
     Verify {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// A public key to check signatures with: KEY_ID=HEX, the id the bus signs with and its
+        /// 32-byte ed25519 public key in hex. Repeat it for every key that ever signed (after a
+        /// rotation the old key still checks the commits it signed).
+        #[arg(long = "public-key", value_name = "KEY_ID=HEX")]
+        public_keys: Vec<String>,
+        /// A file of public keys: one KEY_ID=HEX per line, `#` starts a comment.
+        #[arg(long, value_name = "FILE")]
+        keys: Option<std::path::PathBuf>,
+        /// Fails unless every commit is vouched for by a valid signature at or after it (the
+        /// end of the log must be signed). Needs the public keys.
+        #[arg(long)]
+        require_signatures: bool,
+    },
+    /// Bulk jobs (batches) and how far each has come.
+    Batches {
+        /// At most this many.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        limit: usize,
+        /// Only those after this batch name (paging).
+        #[arg(long)]
+        after: Option<String>,
+        #[command(subcommand)]
+        show: Option<BatchCommand>,
     },
     /// Projections: their checkpoints and lag.
     Projections,
@@ -143,6 +173,19 @@ enum LogCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum BatchCommand {
+    /// One batch: items done of the total, chunks, finished or not.
+    Show {
+        /// The batch's name.
+        name: String,
+        /// Keep showing its progress (a progress bar, or a JSON line per change) until it is
+        /// finished or interrupted.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SagaCommand {
     /// One saga's history.
     Show {
@@ -180,9 +223,30 @@ async fn run(cli: Cli) -> Result<bool, Error> {
         Command::Dlq(DlqCommand::Replay { ids }) => dlq::replay(s, &ids, out).await,
         Command::Dlq(DlqCommand::Discard { ids }) => dlq::discard(s, &ids, out).await,
         Command::Log(LogCommand::Tail { count, follow }) => log::tail(s, count, follow, out).await,
-        Command::Verify { quiet } => verify::verify(s, !quiet, out).await.map(|ok| {
-            intact = ok;
-        }),
+        Command::Verify {
+            quiet,
+            public_keys,
+            keys,
+            require_signatures,
+        } => {
+            let signatures = verify::Signatures {
+                public_keys,
+                key_file: keys,
+                require: require_signatures,
+            };
+            verify::verify(s, &signatures, !quiet, out).await.map(|ok| {
+                intact = ok;
+            })
+        }
+        Command::Batches {
+            show: Some(BatchCommand::Show { name, follow }),
+            ..
+        } => batches::show(s, &name, follow, out).await,
+        Command::Batches {
+            limit,
+            after,
+            show: None,
+        } => batches::list(s, after, limit, out).await,
         Command::Projections => checkpoints::list(s, checkpoints::Kind::Projections, out).await,
         Command::Relays => checkpoints::list(s, checkpoints::Kind::Relays, out).await,
         Command::Sagas {

@@ -167,11 +167,19 @@ impl Commit {
         }
         let mut events = self.events;
         events.extend(other.events);
+        let mut acks = self.acks;
+        for ack in other.acks {
+            if !acks.iter().any(|a| std::sync::Arc::ptr_eq(a, &ack)) {
+                acks.push(ack);
+            }
+        }
         Ok(Commit {
             events,
             streams,
             kv,
             operation_id,
+            acks,
+            unackable: self.unackable + other.unackable,
         })
     }
 }

@@ -32,6 +32,7 @@ use crate::commit::Commit;
 use crate::error::Error;
 use crate::kv::{KvExpect, KvWrite};
 use crate::message::Event;
+use crate::store::Store;
 
 /// The key prefix of batch checkpoints in the key–value space.
 pub const PREFIX: &str = "txbus/batch/";
@@ -79,10 +80,7 @@ fn decode(name: &str, bytes: &[u8]) -> Result<BatchProgress, Error> {
 
 /// Reads a batch's checkpoint.
 pub(crate) async fn read(bus: &Bus, name: &str) -> Result<Option<BatchProgress>, Error> {
-    match bus.kv_get(&key_of(name)).await? {
-        Some(entry) => decode(name, &entry.value).map(Some),
-        None => Ok(None),
-    }
+    progress_in(bus.store().as_ref(), name).await
 }
 
 /// Lists up to `limit` batches' progress after the batch `after`, by name.
@@ -91,9 +89,28 @@ pub(crate) async fn list(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<BatchProgress>, Error> {
+    list_in(bus.store().as_ref(), after, limit).await
+}
+
+/// Where the batch `name` stands, read from its checkpoint in `store`: for tools that look at a
+/// store without running a bus on it (the CLI). `None` when no run of it committed a chunk.
+pub async fn progress_in(store: &dyn Store, name: &str) -> Result<Option<BatchProgress>, Error> {
+    match store.kv_get(&key_of(name)).await? {
+        Some(entry) => decode(name, &entry.value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Up to `limit` batches' progress in `store` after the batch `after`, by name (see
+/// [`progress_in`]).
+pub async fn list_in(
+    store: &dyn Store,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<BatchProgress>, Error> {
     let after = after.map(key_of);
     let mut out = Vec::new();
-    for e in bus.kv_scan(PREFIX, after.as_deref(), limit).await? {
+    for e in store.kv_scan(PREFIX, after.as_deref(), limit).await? {
         let name = e.key.strip_prefix(PREFIX).unwrap_or(&e.key).to_owned();
         out.push(decode(&name, &e.value)?);
     }

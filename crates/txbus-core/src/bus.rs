@@ -129,6 +129,13 @@ impl Bus {
         Ok(self.engine.store.read_log(after_position, limit).await?)
     }
 
+    /// The commit at `position` of the log as a [`Commit`] value, to append or diff with others
+    /// ([`crate::algebra`]), each stream expected at the version it had just before that
+    /// commit. `None` when the log has no commit there. See [`CommitRecord::to_commit`].
+    pub async fn commit_at(&self, position: u64) -> Result<Option<Commit>, Error> {
+        crate::commit::read_at(&self.engine.store, position).await
+    }
+
     /// A receiver that changes whenever the log may have grown (a commit by this bus, or
     /// work announced by a shared store). Readers of the log wait on it, with a poll as a
     /// fallback for commits made elsewhere.
@@ -258,6 +265,7 @@ impl Bus {
         Ok(Version {
             store: Arc::clone(&self.engine.store),
             position,
+            max_examined: crate::past_page::MAX_EXAMINED,
         })
     }
 

@@ -29,4 +29,13 @@ pub enum Conflict {
         /// Its version (`None` = absent).
         actual: Option<u64>,
     },
+    /// The commit acknowledged a delivery (see [`crate::Commit::acknowledging`]) whose lease
+    /// this attempt no longer holds: another worker took it over, or it was acknowledged
+    /// already. Nothing of the commit was written, so a superseded attempt cannot commit its
+    /// effects; the delivery runs where it is leased now.
+    #[error("delivery {delivery_id} is no longer leased to this attempt (taken over, or acknowledged already); nothing was written, and the delivery runs where it is leased now")]
+    Lease {
+        /// The delivery.
+        delivery_id: i64,
+    },
 }

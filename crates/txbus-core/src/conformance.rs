@@ -25,9 +25,11 @@ use crate::{
     OperationState, PolicyOverride, Progress, Retention, SchemaRegistry, StoredMessage, TypedEvent,
 };
 
+mod acks;
 mod commits;
 mod inspect;
 mod streams;
+pub use acks::*;
 pub use commits::*;
 pub use inspect::*;
 pub use streams::*;
@@ -762,7 +764,7 @@ pub async fn retention_by_age_removes_everything_older_than_the_bound(h: &dyn Ha
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
-fn one_message_commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
+pub(crate) fn one_message_commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
     let payload = json!({"n": n});
     NewCommit {
         operation_id: crate::OperationId::new(),
@@ -785,6 +787,7 @@ fn one_message_commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
         lease_to,
         streams: Vec::new(),
         kv: Vec::new(),
+        acks: Vec::new(),
     }
 }
 
@@ -1147,6 +1150,24 @@ macro_rules! conformance_tests {
             $crate::conformance::Harness::cleanup(&harness).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_message_whose_key_is_gone_is_dead_lettered_naming_the_key() {
+            let harness = $harness;
+            $crate::conformance::a_message_whose_key_is_gone_is_dead_lettered_naming_the_key(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn commits_read_from_the_log_append_and_diff() {
+            let harness = $harness;
+            $crate::conformance::commits_read_from_the_log_append_and_diff(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages() {
+            let harness = $harness;
+            $crate::conformance::past_scans_skip_absent_keys_and_streams_in_bounded_pages(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn system_commits_record_start_and_shutdown_without_deliveries() {
             let harness = $harness;
             $crate::conformance::system_commits_record_start_and_shutdown_without_deliveries(&harness).await;
@@ -1162,6 +1183,24 @@ macro_rules! conformance_tests {
         async fn batches_commit_bounded_chunks_and_resume_without_duplicates_or_gaps() {
             let harness = $harness;
             $crate::conformance::batches_commit_bounded_chunks_and_resume_without_duplicates_or_gaps(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_handler_commit_carries_the_acknowledgement_of_its_delivery() {
+            let harness = $harness;
+            $crate::conformance::a_handler_commit_carries_the_acknowledgement_of_its_delivery(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_acknowledgement_whose_lease_moved_on_refuses_its_commit() {
+            let harness = $harness;
+            $crate::conformance::an_acknowledgement_whose_lease_moved_on_refuses_its_commit(&harness).await;
+            $crate::conformance::Harness::cleanup(&harness).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn acknowledging_refuses_messages_no_bus_delivered() {
+            let harness = $harness;
+            $crate::conformance::acknowledging_refuses_messages_no_bus_delivered(&harness).await;
             $crate::conformance::Harness::cleanup(&harness).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

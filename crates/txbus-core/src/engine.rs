@@ -18,6 +18,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::ack::AckSlot;
 use crate::commit::Commit;
 use crate::error::Error;
 use crate::filter::On;
@@ -328,7 +329,14 @@ impl Engine {
             streams,
             kv,
             operation_id,
+            acks,
+            unackable,
         } = commit;
+        if !acks.is_empty() || unackable > 0 {
+            return Err(Error::InvalidCommit(
+                "a commit written in the caller's own transaction cannot acknowledge a delivery: commit it through the bus instead".into(),
+            ));
+        }
         let streams = stream_appends(&mut events, streams)?;
         crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
         let messages = self.seal(validate(
@@ -360,6 +368,7 @@ impl Engine {
             lease_to: None,
             streams,
             kv,
+            acks: Vec::new(),
         })
     }
 
@@ -436,7 +445,10 @@ impl Engine {
             streams,
             kv,
             operation_id,
+            acks,
+            unackable,
         } = commit;
+        self.check_acks(&acks, unackable)?;
         let streams = stream_appends(&mut events, streams)?;
         crate::kv::check_writes(&kv).map_err(Error::InvalidCommit)?;
         let messages = self.seal(validate(
@@ -485,8 +497,10 @@ impl Engine {
             lease_to: leased.then_some(self.owner),
             streams,
             kv,
+            acks: acks.iter().map(|a| a.completion()).collect(),
         };
         commit_span.record("deliveries", commit.deliveries.len());
+        self.acknowledging(&acks);
         let receipt = self
             .store
             .append(commit)
@@ -497,6 +511,7 @@ impl Engine {
         if let Some(outcome) = receipt.finished {
             self.watchers.finish(outcome);
         }
+        self.acknowledged(&acks, receipt.acked);
         match permits {
             Some(permits) => {
                 let mut rest = Some(permits);
@@ -530,6 +545,59 @@ impl Engine {
             None => {}
         }
         Ok((receipt.commit_id, operation_id, guard))
+    }
+
+    /// Refuses acknowledgements this bus cannot carry: of messages it did not deliver, of
+    /// another bus's deliveries, or recorded already.
+    fn check_acks(&self, acks: &[Arc<AckSlot>], unackable: usize) -> Result<(), Error> {
+        if unackable > 0 {
+            return Err(Error::InvalidCommit(
+                "the commit acknowledges a message that no bus delivered (built by hand): only a message handed to a handler can be acknowledged".into(),
+            ));
+        }
+        for ack in acks {
+            if ack.owner != self.owner {
+                return Err(Error::InvalidCommit(format!(
+                    "the commit acknowledges delivery {} of another bus: commit it through the bus that delivered the message",
+                    ack.delivery_id
+                )));
+            }
+            if ack.recorded().is_some() {
+                return Err(Error::Conflict(crate::Conflict::Lease {
+                    delivery_id: ack.delivery_id,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the success of each attempt whose acknowledgement a commit carries. Like an
+    /// attempt's own progress it goes out before the acknowledgement is written, so that it
+    /// precedes the outcome however that outcome is learnt (another process's notification).
+    fn acknowledging(&self, acks: &[Arc<AckSlot>]) {
+        for ack in acks {
+            self.watchers.progress(
+                ack.operation_id,
+                Progress::Succeeded {
+                    event_index: ack.event_index,
+                    handler: ack.handler.to_string(),
+                    attempt: ack.attempt,
+                },
+            );
+        }
+    }
+
+    /// Reports the outcomes that a durable commit's acknowledgements finished, and marks them
+    /// recorded for the attempts that wait on them.
+    fn acknowledged(&self, acks: &[Arc<AckSlot>], effects: Vec<CompletionEffect>) {
+        for (ack, effect) in acks.iter().zip(effects) {
+            if let CompletionEffect::Applied(Some(outcome)) = &effect {
+                self.metrics.operation_finished(outcome.is_ok());
+                tracing::debug!(operation_id = %outcome.operation_id, ok = outcome.is_ok(), "operation finished");
+                self.watchers.finish(outcome.clone());
+            }
+            ack.record(effect);
+        }
     }
 
     /// Encrypts the fields the policy names; an event it cannot encrypt fails the call,
@@ -569,6 +637,7 @@ impl Engine {
                 lease_to: None,
                 streams: Vec::new(),
                 kv: Vec::new(),
+                acks: Vec::new(),
             })
             .await?;
         self.log_tick.send_modify(|t| *t = t.wrapping_add(1));
@@ -728,6 +797,16 @@ impl Engine {
             Ok(None) => (Arc::clone(&job.message), None),
             Err(reason) => (Arc::clone(&job.message), Some(reason)),
         };
+        let ack = AckSlot::new(
+            self.owner,
+            job.id,
+            job.fence,
+            job.commit_id,
+            job.operation_id,
+            job.index,
+            Arc::clone(&entry.name),
+            attempt,
+        );
         let message = Message::new(
             data,
             DeliveryContext {
@@ -739,7 +818,8 @@ impl Engine {
                 delivery_id: job.id,
             },
         )
-        .with_trace(context);
+        .with_trace(context)
+        .with_ack(Arc::clone(&ack));
         let transient = if let Some(reason) = unreadable {
             // A key may be added and the bus restarted: retried, then dead-lettered.
             drop(permits);
@@ -764,6 +844,23 @@ impl Engine {
             drop(permits);
             Self::classify(ran, entry.policy.timeout)
         };
+        if let Some(effect) = ack.recorded() {
+            // The handler's own commit carried the acknowledgement: the delivery succeeded
+            // when that commit became durable, and its progress and outcome went out then.
+            if let Some((_, reason)) = &transient {
+                tracing::warn!(handler = %entry.name, delivery = job.id, %reason,
+                    "the handler failed after a commit acknowledged its delivery; the acknowledgement stands");
+            }
+            let recorded = match effect {
+                CompletionEffect::Applied(_) => AttemptOutcome::Succeeded,
+                CompletionEffect::Stale => AttemptOutcome::Stale,
+            };
+            span.record("outcome", recorded.name());
+            if let Some(m) = metrics {
+                m.record(recorded);
+            }
+            return;
+        }
         let mut retry_in = None;
         let mut outcome = AttemptOutcome::Succeeded;
         let (result, progress) = match transient {

@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ack;
 pub mod algebra;
 pub mod batch;
 pub mod bus;
@@ -53,6 +54,7 @@ pub mod message;
 pub mod metrics;
 pub mod operation;
 pub mod outcome;
+pub mod past_page;
 pub mod policy;
 pub mod retention;
 pub mod schema;
@@ -85,6 +87,7 @@ pub use message::{
 };
 pub use operation::Operation;
 pub use outcome::{Failure, FailureKind, OperationState, Outcome, Progress};
+pub use past_page::PastPage;
 pub use policy::{Backoff, Policy, PolicyOverride};
 pub use retention::{Keep, PruneReport, Retention};
 pub use schema::SchemaRegistry;

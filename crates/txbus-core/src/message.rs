@@ -268,6 +268,8 @@ pub struct Message {
     pub(crate) data: Arc<StoredMessage>,
     pub(crate) context: DeliveryContext,
     pub(crate) trace: Option<crate::trace::TraceParent>,
+    /// The acknowledgement a commit may carry for this attempt (set by the engine).
+    pub(crate) ack: Option<Arc<crate::ack::AckSlot>>,
 }
 
 /// Where a delivery attempt stands: which operation, which handler, which attempt.
@@ -295,7 +297,19 @@ impl Message {
             data,
             context,
             trace,
+            ack: None,
         }
+    }
+
+    /// Attaches the acknowledgement a commit may carry for this attempt.
+    pub(crate) fn with_ack(mut self, slot: Arc<crate::ack::AckSlot>) -> Self {
+        self.ack = Some(slot);
+        self
+    }
+
+    /// The acknowledgement a commit may carry for this attempt, when a bus delivered it.
+    pub(crate) fn ack_slot(&self) -> Option<&Arc<crate::ack::AckSlot>> {
+        self.ack.as_ref()
     }
 
     /// Sets the trace context of this attempt (see [`Message::trace_parent`]).

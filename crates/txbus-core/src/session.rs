@@ -256,6 +256,7 @@ fn decode(id: &str, bytes: &[u8]) -> Result<(u64, Commit), Error> {
             streams: doc.streams,
             kv,
             operation_id: doc.operation_id,
+            ..Commit::default()
         },
     ))
 }
@@ -342,6 +343,12 @@ impl Session {
     /// Adds `changes` after what the session holds (the algebra's append: a contradiction is an
     /// error and changes nothing), and stores the session.
     pub async fn add(&mut self, changes: Commit) -> Result<(), Error> {
+        if !changes.acks.is_empty() || changes.unackable > 0 {
+            return Err(Error::InvalidCommit(format!(
+                "session {:?}: a session is kept across calls and restarts, longer than a delivery's attempt, so it cannot acknowledge one; commit the acknowledgement through the bus",
+                self.id
+            )));
+        }
         let combined = self
             .commit
             .clone()

@@ -17,6 +17,7 @@ pub use crate::conflict::Conflict;
 use crate::kv::{KvEntry, KvWrite};
 use crate::message::{OperationId, StoredMessage};
 use crate::outcome::{Failure, OperationState, Outcome};
+use crate::past_page::PastPage;
 use crate::retention::{PruneReport, Retention};
 use crate::signing::{CommitSignature, CommitSigner};
 use crate::stream::{Direction, StreamAppend, StreamEvent};
@@ -174,6 +175,12 @@ pub struct NewCommit {
     /// Key–value writes committed atomically with the commit (checkpoints, dedupe marks,
     /// indexes); a condition that fails makes the whole append fail with [`Error::Conflict`].
     pub kv: Vec<KvWrite>,
+    /// Acknowledgements (results [`DeliveryResult::Succeeded`]) of deliveries whose handler
+    /// made this commit: the store applies them in the same transaction, exactly as
+    /// [`Store::complete`] would, after the commit's own rows. Every one must still hold its
+    /// lease (its fence is current and it is leased): otherwise the append fails with
+    /// [`Conflict::Lease`] and nothing is written.
+    pub acks: Vec<Completion>,
 }
 
 /// What an append returns once the commit is durable.
@@ -189,6 +196,9 @@ pub struct AppendReceipt {
     pub chain_hash: Option<Hash>,
     /// Set when the commit had no deliveries: the operation is finished at once.
     pub finished: Option<Outcome>,
+    /// What each of [`NewCommit::acks`] did, in order: always
+    /// [`CompletionEffect::Applied`], with the outcome of the operation it finished.
+    pub acked: Vec<CompletionEffect>,
 }
 
 /// A delivery leased by [`Store::claim`].
@@ -620,16 +630,18 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Up to `limit` keys under `prefix` (after `after`), in key order, with the values they
-    /// held just after the commit at `position` (see [`Store::kv_at`]); deleted keys are left
-    /// out.
+    /// held just after the commit at `position` (see [`Store::kv_at`]); keys absent then are
+    /// left out. Examines at most `max_examined` keys, present or not (see
+    /// [`crate::past_page`]), and says where to continue.
     async fn kv_scan_at(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<KvVersion>, Error> {
-        let _ = (prefix, after, limit, position);
+        max_examined: usize,
+    ) -> Result<PastPage<KvVersion>, Error> {
+        let _ = (prefix, after, limit, position, max_examined);
         Err(unsupported("kv_scan_at"))
     }
 
@@ -640,14 +652,16 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Up to `limit` streams (after `after`, in stream id order) that had events just after the
-    /// commit at `position`, each with its version then.
+    /// commit at `position`, each with its version then. Examines at most `max_examined`
+    /// streams, with events then or not (see [`crate::past_page`]), and says where to continue.
     async fn streams_at(
         &self,
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<(String, u64)>, Error> {
-        let _ = (after, limit, position);
+        max_examined: usize,
+    ) -> Result<PastPage<(String, u64)>, Error> {
+        let _ = (after, limit, position, max_examined);
         Err(unsupported("streams_at"))
     }
 

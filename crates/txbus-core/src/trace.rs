@@ -11,8 +11,10 @@
 //!
 //! Span and trace ids are those of the installed [`Propagator`]: by default txbus makes them
 //! itself and records them on its spans as the fields `trace_id`, `span_id` and
-//! `parent_span_id`; with OpenTelemetry (the `otlp` feature of the `txbus` crate) they are
-//! OpenTelemetry's, so exported spans link up across services. A caller that has a trace
+//! `parent_span_id`; with OpenTelemetry (the crate `txbus-otel`, or the `otlp` feature of
+//! the `txbus` crate as the module `txbus::otel`, whose exporter builder installs its
+//! `OtelPropagator`) they are OpenTelemetry's, so exported spans link up across services.
+//! A caller that has a trace
 //! context of its own (from an incoming HTTP request) continues it by setting the
 //! `traceparent` header on an event.
 //!

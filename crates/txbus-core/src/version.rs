@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::error::Error;
+use crate::past_page::PastPage;
 use crate::store::{CommitRecord, KvVersion, Store};
 
 /// The state just after the commit at one position.
@@ -19,12 +20,14 @@ use crate::store::{CommitRecord, KvVersion, Store};
 pub struct Version {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) position: u64,
+    pub(crate) max_examined: usize,
 }
 
 impl std::fmt::Debug for Version {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Version")
             .field("position", &self.position)
+            .field("max_examined", &self.max_examined)
             .finish()
     }
 }
@@ -35,6 +38,15 @@ impl Version {
         self.position
     }
 
+    /// How many keys or streams one call of [`kv_scan`](Self::kv_scan) or
+    /// [`streams`](Self::streams) examines at most, present in this version or not:
+    /// [`crate::past_page::MAX_EXAMINED`] unless set, at least 1, at most
+    /// [`crate::past_page::MAX_EXAMINED_LIMIT`].
+    pub fn max_examined(mut self, n: usize) -> Self {
+        self.max_examined = crate::past_page::bounded(n);
+        self
+    }
+
     /// The value `key` held in this version; `None` when no commit up to it wrote the key, or
     /// the last one deleted it.
     pub async fn kv_get(&self, key: &str) -> Result<Option<KvVersion>, Error> {
@@ -42,16 +54,18 @@ impl Version {
     }
 
     /// Up to `limit` keys under `prefix` after `after`, in key order, with their values in this
-    /// version.
+    /// version. One call examines at most [`max_examined`](Self::max_examined) keys, present
+    /// or not: continue from the page's `resume_after` until it is `None` (see
+    /// [`crate::past_page`]).
     pub async fn kv_scan(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<KvVersion>, Error> {
+    ) -> Result<PastPage<KvVersion>, Error> {
         Ok(self
             .store
-            .kv_scan_at(prefix, after, limit, self.position)
+            .kv_scan_at(prefix, after, limit, self.position, self.max_examined)
             .await?)
     }
 
@@ -60,13 +74,18 @@ impl Version {
         Ok(self.store.stream_version_at(stream, self.position).await?)
     }
 
-    /// Up to `limit` stream heads after `after`, in stream id order.
+    /// Up to `limit` stream heads after `after`, in stream id order. One call examines at most
+    /// [`max_examined`](Self::max_examined) streams, with events in this version or not:
+    /// continue from the page's `resume_after` until it is `None`.
     pub async fn streams(
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(String, u64)>, Error> {
-        Ok(self.store.streams_at(after, limit, self.position).await?)
+    ) -> Result<PastPage<(String, u64)>, Error> {
+        Ok(self
+            .store
+            .streams_at(after, limit, self.position, self.max_examined)
+            .await?)
     }
 
     /// Up to `limit` of the commits that made this version, after `after_position`, in order.

@@ -7,17 +7,32 @@
 //! - `writer` and `audit`: quick;
 //! - `flaky`: fails its first two attempts of one message in four (transient failures, so
 //!   retries are in flight at every kill);
-//! - `slow`: takes 20–150 ms, so kills land mid-handler.
+//! - `slow`: takes 20–150 ms, so kills land mid-handler;
+//! - `hold`: see below.
 //!
-//! `soak-load` prints `ready` once its bus runs (start-up recovery is done), then `committed N`
-//! every 100 commits, and commits from many tasks until it is killed. A line `shutdown` on
-//! stdin makes it print `shutting-down` and shut the bus down (the parent may kill it then).
+//! Every message carries the mark of the process that committed it (`proc` in its payload), so
+//! that a process tells its own messages from the backlog an earlier one left.
+//!
+//! `soak-load` prints `starting`, then `backlog N` (deliveries left pending or leased by the
+//! processes before it) and `ready` once its bus runs, then `committed N` every 100 commits, and
+//! commits from many tasks until it is killed. So that the parent's kills land where they are
+//! meant to, deterministically:
+//!
+//! - **During a graceful shutdown**: a line `shutdown` on stdin makes it publish a `soak.hold`
+//!   event, whose `hold` handler does not return in the process that published it; once that
+//!   attempt runs, it prints `shutting-down` and shuts the bus down, which waits for the attempt
+//!   (up to 30 s). It prints `stopped …` when the shutdown is over: a kill before that line cut
+//!   the shutdown short. Any later process runs the held message at once.
+//! - **During start-up recovery**: with `SOAK_HOLD_RECOVERY=1`, every delivery of a message
+//!   committed by an earlier process does not return (it prints `recovering` when the first one
+//!   starts), so the backlog cannot be finished before the kill. The next process runs them.
+//!
 //! `soak-drain` runs the same bus until nothing is pending or leased, then writes what the
 //! test checks to `DIR/report.json`, through the public API only: every message of the log,
 //! every operation's outcome, the chain's verification and the store's counts.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -66,13 +81,49 @@ impl Seen {
     }
 }
 
+/// What makes this process hold deliveries, so that kills land in shutdown and in recovery.
+struct Holds {
+    /// This process's mark, in the payload of every message it commits.
+    token: u64,
+    /// Hold every delivery of a message committed by an earlier process.
+    recovery: bool,
+    /// Told when the hold handler runs this process's own `soak.hold`.
+    holding: tokio::sync::Notify,
+    said_recovering: AtomicBool,
+}
+
+impl Holds {
+    fn new(recovery: bool) -> Arc<Self> {
+        Arc::new(Self {
+            token: fastrand::u64(..),
+            recovery,
+            holding: tokio::sync::Notify::new(),
+            said_recovering: AtomicBool::new(false),
+        })
+    }
+
+    fn is_own(&self, m: &Message) -> bool {
+        m.payload()["proc"].as_u64() == Some(self.token)
+    }
+
+    /// Never returns for a message of the backlog when recovery is held.
+    async fn recovered(&self, m: &Message) {
+        if self.recovery && !self.is_own(m) {
+            if !self.said_recovering.swap(true, Ordering::AcqRel) {
+                say("recovering");
+            }
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// One message in four is refused on its first two attempts; which ones is fixed by its id,
 /// so that the choice survives restarts.
 fn flaky(msg: &Message) -> bool {
     msg.id().0.as_u128().is_multiple_of(4) && msg.attempt() <= 2
 }
 
-async fn bus(store: &str, dir: &Path) -> Result<Bus, BoxError> {
+async fn bus(store: &str, dir: &Path, holds: Arc<Holds>) -> Result<Bus, BoxError> {
     let seen = Seen::open(&dir.join("seen.db"))?;
     let builder = match store.split_once('#') {
         None if store == "sqlite" => Bus::builder().store(SqliteStore::open(dir.join("bus.db"))?),
@@ -88,7 +139,14 @@ async fn bus(store: &str, dir: &Path) -> Result<Bus, BoxError> {
             .lease_ttl(Duration::from_millis(1500)),
         None => return Err(format!("unknown store {store:?}: sqlite or URL#schema").into()),
     };
-    let (a, b, c, d) = (seen.clone(), seen.clone(), seen.clone(), seen);
+    let (a, b, c, d, e) = (seen.clone(), seen.clone(), seen.clone(), seen.clone(), seen);
+    let (ha, hb, hc, hd, he) = (
+        holds.clone(),
+        holds.clone(),
+        holds.clone(),
+        holds.clone(),
+        holds,
+    );
     Ok(builder
         .max_retries(8)
         .backoff(Backoff::fixed(Duration::from_millis(20)))
@@ -102,17 +160,24 @@ async fn bus(store: &str, dir: &Path) -> Result<Bus, BoxError> {
             "writer",
             On::event("soak.tx").module("app"),
             move |m: Message| {
-                let s = a.clone();
-                async move { s.record(&m).await }
+                let (s, h) = (a.clone(), ha.clone());
+                async move {
+                    h.recovered(&m).await;
+                    s.record(&m).await
+                }
             },
         )
         .handler("audit", On::in_module("audit"), move |m: Message| {
-            let s = b.clone();
-            async move { s.record(&m).await }
+            let (s, h) = (b.clone(), hb.clone());
+            async move {
+                h.recovered(&m).await;
+                s.record(&m).await
+            }
         })
         .handler("flaky", On::event("soak.job"), move |m: Message| {
-            let s = c.clone();
+            let (s, h) = (c.clone(), hc.clone());
             async move {
+                h.recovered(&m).await;
                 if flaky(&m) {
                     return Err(HandlerError::transient("refused, try again"));
                 }
@@ -120,9 +185,23 @@ async fn bus(store: &str, dir: &Path) -> Result<Bus, BoxError> {
             }
         })
         .handler("slow", On::event("soak.slow"), move |m: Message| {
-            let s = d.clone();
+            let (s, h) = (d.clone(), hd.clone());
             async move {
+                h.recovered(&m).await;
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(20..150))).await;
+                s.record(&m).await
+            }
+        })
+        .handler("hold", On::event("soak.hold"), move |m: Message| {
+            let (s, h) = (e.clone(), he.clone());
+            async move {
+                h.recovered(&m).await;
+                if h.is_own(&m) {
+                    // Published by this process as its shutdown began: keep the shutdown
+                    // waiting until the kill.
+                    h.holding.notify_one();
+                    std::future::pending::<()>().await;
+                }
                 s.record(&m).await
             }
         })
@@ -139,7 +218,15 @@ fn say(line: &str) {
 }
 
 pub(crate) async fn load(store: String, dir: PathBuf) -> Result<(), BoxError> {
-    let bus = bus(&store, &dir).await?;
+    say("starting");
+    let holds = Holds::new(std::env::var("SOAK_HOLD_RECOVERY").is_ok_and(|v| v == "1"));
+    let token = holds.token;
+    let bus = bus(&store, &dir, holds.clone()).await?;
+    let stats = bus.stats().await?;
+    say(&format!(
+        "backlog {}",
+        stats.deliveries.pending + stats.deliveries.leased
+    ));
     say("ready");
     let committed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -149,7 +236,7 @@ pub(crate) async fn load(store: String, dir: PathBuf) -> Result<(), BoxError> {
             let mut n = 0u64;
             loop {
                 n += 1;
-                let body = json!({"worker": worker, "n": n});
+                let body = json!({"worker": worker, "n": n, "proc": token});
                 let result = if n.is_multiple_of(3) {
                     bus.publish(Event::new("soak.job", body)).await.map(drop)
                 } else if n.is_multiple_of(7) {
@@ -187,8 +274,14 @@ pub(crate) async fn load(store: String, dir: PathBuf) -> Result<(), BoxError> {
             break;
         }
     }
+    // An attempt that will not end in this process: the shutdown below waits for it.
+    bus.publish(Event::new("soak.hold", json!({"proc": token})))
+        .await?;
+    tokio::time::timeout(Duration::from_secs(60), holds.holding.notified())
+        .await
+        .map_err(|_| "the hold handler did not start within 60 s")?;
     say("shutting-down");
-    let report = bus.shutdown(Duration::from_secs(10)).await?;
+    let report = bus.shutdown(Duration::from_secs(30)).await?;
     for t in tasks {
         t.await??;
     }
@@ -197,7 +290,7 @@ pub(crate) async fn load(store: String, dir: PathBuf) -> Result<(), BoxError> {
 }
 
 pub(crate) async fn drain(store: String, dir: PathBuf) -> Result<(), BoxError> {
-    let bus = bus(&store, &dir).await?;
+    let bus = bus(&store, &dir, Holds::new(false)).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let stats = loop {
         let stats = bus.stats().await?;

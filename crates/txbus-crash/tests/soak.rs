@@ -6,6 +6,14 @@
 //! Duplicates (effects recorded more than once) are counted and must stay under 1 % of the
 //! deliveries.
 //!
+//! The kills meant for a shutdown or a start-up must land there, and the test checks that they
+//! did from what the child printed before it died: a shutdown kill counts when the child had
+//! not printed `stopped` (its shutdown was still waiting for an attempt the child holds open);
+//! a start-up kill counts when the child was recovering the backlog left by the previous kill
+//! (it had started a recovered delivery, or counted a backlog it could not have finished: the
+//! child holds every recovered delivery open in those rounds), or had not printed `ready` yet.
+//! See the child's docs in `src/soak.rs`.
+//!
 //! The checks read the store only through the bus's public API (the drain child's report)
 //! and the handlers' own records.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -22,20 +30,41 @@ use serde_json::Value;
 const CHILD: &str = env!("CARGO_BIN_EXE_txbus-crash");
 const KILLS: usize = 20;
 
+/// What a round's kill is meant to hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aim {
+    /// Start-up recovery: the backlog of the previous kill being taken over.
+    Start,
+    /// A graceful shutdown waiting for running attempts.
+    Shutdown,
+    /// A random moment under load.
+    Load,
+}
+
+fn aim(round: usize) -> Aim {
+    match round % 4 {
+        0 if round > 0 => Aim::Start,
+        1 => Aim::Shutdown,
+        _ => Aim::Load,
+    }
+}
+
 /// A running child and the lines it prints.
 struct Running {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
-    ready: bool,
+    /// Every line read so far.
+    said: Vec<String>,
 }
 
 impl Running {
-    fn start(store: &str, dir: &Path) -> Self {
+    fn start(store: &str, dir: &Path, hold_recovery: bool) -> Self {
         let mut child = Command::new(CHILD)
             .arg("soak-load")
             .arg(store)
             .arg(dir)
+            .env("SOAK_HOLD_RECOVERY", if hold_recovery { "1" } else { "0" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -55,7 +84,7 @@ impl Running {
             child,
             stdin,
             lines,
-            ready: false,
+            said: Vec::new(),
         }
     }
 
@@ -65,14 +94,14 @@ impl Running {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
-                "the child printed nothing expected in time"
+                "the child printed nothing expected in time; it said {:?}",
+                self.said
             );
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    if line == "ready" {
-                        self.ready = true;
-                    }
-                    if want(&line) {
+                    let wanted = want(&line);
+                    self.said.push(line);
+                    if wanted {
                         return true;
                     }
                 }
@@ -82,17 +111,9 @@ impl Running {
         }
     }
 
-    /// Notes whether `ready` was printed before now.
-    fn catch_up(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            if line == "ready" {
-                self.ready = true;
-            }
-        }
-    }
-
-    /// SIGKILL; `true` when the child was still running.
-    fn kill(mut self) -> bool {
+    /// SIGKILL. Returns whether the child was still running, and every line it printed
+    /// before it died.
+    fn kill(mut self) -> (bool, Vec<String>) {
         let alive = self.child.try_wait().unwrap().is_none();
         let _ = self.child.kill();
         let status = self.child.wait().unwrap();
@@ -101,8 +122,22 @@ impl Running {
         } else {
             assert!(status.success(), "the child failed on its own: {status}");
         }
-        alive
+        // Its stdout is closed now: read what is left of it to the end.
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => self.said.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("the child's output did not end"),
+            }
+        }
+        (alive, self.said)
     }
+}
+
+/// The backlog the child reported at start, if it got that far.
+fn backlog(said: &[String]) -> Option<u64> {
+    said.iter()
+        .find_map(|l| l.strip_prefix("backlog ")?.parse().ok())
 }
 
 fn committed(at_least: u64) -> impl Fn(&str) -> bool {
@@ -128,6 +163,9 @@ fn expected_handlers(event_type: &str, module: Option<&str>) -> Vec<&'static str
     if event_type == "soak.slow" {
         h.push("slow");
     }
+    if event_type == "soak.hold" {
+        h.push("hold");
+    }
     h
 }
 
@@ -135,8 +173,13 @@ fn expected_handlers(event_type: &str, module: Option<&str>) -> Vec<&'static str
 struct Kills {
     under_load: usize,
     at_start: usize,
+    /// Start-up kills that landed before the bus was built, before it ran any of the backlog.
     at_start_before_ready: usize,
+    /// Start-up kills that landed while the backlog of the previous kill was being recovered
+    /// (a recovered delivery was running, or the backlog was counted and could not finish).
+    at_start_in_recovery: usize,
     in_shutdown: usize,
+    /// Shutdown kills that landed before the shutdown was over.
     in_shutdown_cut_short: usize,
 }
 
@@ -144,28 +187,48 @@ fn soak(store: &str, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = fastrand::Rng::with_seed(0x50a6);
     let mut kills = Kills::default();
+    let mut late_start_kills = 0usize;
     let minute = || Instant::now() + Duration::from_secs(60);
     for round in 0..KILLS {
-        let mut child = Running::start(store, dir.path());
-        match round % 4 {
+        let aim = aim(round);
+        let mut child = Running::start(store, dir.path(), aim == Aim::Start);
+        match aim {
             // During start-up recovery: the backlog left by the previous kill is being
-            // recovered (leases taken over, deliveries claimed and run).
-            0 if round > 0 => {
-                if rng.bool() {
+            // recovered (leases taken over, deliveries claimed and run), or the bus is not
+            // even built yet.
+            Aim::Start => {
+                // Alternately as soon as the process runs, and once a recovered delivery is
+                // running.
+                if (round / 4) % 2 == 1 {
+                    assert!(
+                        child.wait_for(|l| l == "starting", minute()),
+                        "round {round}"
+                    );
                     std::thread::sleep(Duration::from_millis(rng.u64(0..15)));
                 } else {
-                    assert!(child.wait_for(|l| l == "ready", minute()), "round {round}");
+                    late_start_kills += 1;
+                    assert!(
+                        child.wait_for(|l| l == "recovering" || l == "backlog 0", minute()),
+                        "round {round}"
+                    );
                     std::thread::sleep(Duration::from_millis(rng.u64(0..40)));
                 }
-                child.catch_up();
                 kills.at_start += 1;
-                if !child.ready {
+                let (alive, said) = child.kill();
+                assert!(alive, "round {round}: the child must still run");
+                let recovering =
+                    said.iter().any(|l| l == "recovering") || backlog(&said).is_some_and(|n| n > 0);
+                if recovering {
+                    // Held open by the child: not one delivery of the backlog could finish.
+                    kills.at_start_in_recovery += 1;
+                } else if !said.iter().any(|l| l == "ready") {
                     kills.at_start_before_ready += 1;
+                } else {
+                    println!("round {round}: the start-up kill found no backlog: {said:?}");
                 }
-                assert!(child.kill(), "round {round}: the child must still run");
             }
             // During a graceful shutdown, with attempts still running.
-            1 => {
+            Aim::Shutdown => {
                 assert!(child.wait_for(committed(300), minute()), "round {round}");
                 let stdin = child.stdin.as_mut().unwrap();
                 stdin.write_all(b"shutdown\n").unwrap();
@@ -176,16 +239,20 @@ fn soak(store: &str, name: &str) {
                 );
                 std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
                 kills.in_shutdown += 1;
-                if child.kill() {
+                let (alive, said) = child.kill();
+                if alive && !said.iter().any(|l| l.starts_with("stopped")) {
                     kills.in_shutdown_cut_short += 1;
+                } else {
+                    println!("round {round}: the shutdown was over before the kill: {said:?}");
                 }
             }
             // Under load, at a random moment.
-            _ => {
+            Aim::Load => {
                 assert!(child.wait_for(committed(1500), minute()), "round {round}");
                 std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
                 kills.under_load += 1;
-                assert!(child.kill(), "round {round}: the child must still run");
+                let (alive, _) = child.kill();
+                assert!(alive, "round {round}: the child must still run");
             }
         }
     }
@@ -286,6 +353,23 @@ fn soak(store: &str, name: &str) {
         "duplicates are {ratio:.3} % of deliveries, above 1 %"
     );
     assert_eq!(kills.under_load + kills.at_start + kills.in_shutdown, KILLS);
+    // The kills aimed at a shutdown or a start-up landed there.
+    let aimed = |a: Aim| (0..KILLS).filter(|&r| aim(r) == a).count();
+    assert_eq!(kills.in_shutdown, aimed(Aim::Shutdown));
+    assert_eq!(
+        kills.in_shutdown_cut_short, kills.in_shutdown,
+        "every shutdown kill must land before the shutdown is over: {kills:?}"
+    );
+    assert_eq!(kills.at_start, aimed(Aim::Start));
+    assert_eq!(
+        kills.at_start_before_ready + kills.at_start_in_recovery,
+        kills.at_start,
+        "every start-up kill must land before the bus is up or while it recovers: {kills:?}"
+    );
+    assert!(
+        late_start_kills > 0 && kills.at_start_in_recovery >= late_start_kills,
+        "the kills made once a recovered delivery ran must land in recovery: {kills:?}"
+    );
 }
 
 #[test]

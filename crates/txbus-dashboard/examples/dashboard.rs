@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::post;
+use axum::response::Html;
+use axum::routing::{get, post};
 use axum::Router;
 use serde_json::json;
 use txbus_core::{Backoff, Bus, Event, HandlerError, Message, On};
@@ -135,7 +136,14 @@ pub async fn demo(dir: &Path, users: Users) -> Result<Demo, Box<dyn std::error::
         .title("orders service")
         .build()?;
     let heal = Arc::clone(&healed);
-    let app = dashboard.mount(Router::new(), "/admin/queues").route(
+    // The service's own public page, outside the dashboard (which refuses anyone unknown).
+    let home = Router::new().route(
+        "/",
+        get(|| async {
+            Html("<!doctype html><title>orders service</title><p>The orders service. Operators: <a href=\"/admin/queues\">dashboard</a>.</p>")
+        }),
+    );
+    let app = dashboard.mount(home, "/admin/queues").route(
         "/demo/heal",
         post(move || {
             heal.store(true, Ordering::SeqCst);

@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: headless Chromium driven over WebDriver (chromedriver)
-//! against the running example. The pages render; a dead letter is replayed by clicking and
-//! its delivery then succeeds; a read-only user cannot replay. Screenshots of every page are
+//! against the running example. The pages render; a browser without credentials gets nothing
+//! (its requests are answered 401); a dead letter is replayed by clicking and its delivery then
+//! succeeds; a read-only user cannot replay. Screenshots of every page are
 //! saved (to `docs/` when `TXBUS_SCREENSHOTS=docs`, else to the target's temp dir).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -106,8 +107,13 @@ async fn find(client: &Client, css: &str) -> fantoccini::elements::Element {
 
 /// The text of the page's main part, lowercased (headings are shown in capitals).
 async fn text(client: &Client) -> String {
+    text_of(client, "main").await
+}
+
+/// The text of the first element matching `css`, lowercased.
+async fn text_of(client: &Client, css: &str) -> String {
     client
-        .find(Locator::Css("main"))
+        .find(Locator::Css(css))
         .await
         .unwrap()
         .text()
@@ -148,6 +154,67 @@ async fn the_dashboard_works_in_a_real_browser() {
         );
     }
     shot(&client, "overview").await;
+
+    // A browser without credentials (a session of its own) gets nothing of the dashboard:
+    // headless Chromium, which cannot ask anyone for a password, shows an error page.
+    let anonymous = browser(&driver).await;
+    anonymous
+        .goto(&format!("http://{}/admin/queues", s.addr))
+        .await
+        .unwrap();
+    let shown = anonymous
+        .execute(
+            "return location.href + '\\n' + document.documentElement.outerHTML;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let shown = shown.as_str().unwrap_or_default().to_lowercase();
+    for private in [
+        "warehouse",
+        "billing",
+        "dead letters",
+        "order.placed",
+        "<main",
+    ] {
+        assert!(
+            !shown.contains(private),
+            "{private:?} shown to anyone: {shown}"
+        );
+    }
+    assert!(anonymous.find(Locator::Css("main")).await.is_err());
+    // From the service's public page, what a script fetches without credentials is refused
+    // with 401 and a basic-auth challenge.
+    anonymous
+        .goto(&format!("http://{}/", s.addr))
+        .await
+        .unwrap();
+    assert!(text_of(&anonymous, "body").await.contains("orders service"));
+    let refused = anonymous
+        .execute_async(
+            r#"const done = arguments[0];
+               const base = location.origin + '/admin/queues';
+               Promise.all(['', '/operations', '/live/overview', '/dead-letters'].map(p =>
+                   fetch(base + p, { credentials: 'omit' }).then(async r =>
+                       [p, r.status, r.headers.get('www-authenticate'), await r.text()])))
+                 .then(done, e => done('fetch failed: ' + e));"#,
+            vec![],
+        )
+        .await
+        .unwrap();
+    let refused = refused.as_array().unwrap_or_else(|| panic!("{refused}"));
+    assert_eq!(refused.len(), 4);
+    for r in refused {
+        assert_eq!(r[1], serde_json::json!(401), "{r}");
+        assert!(
+            r[2].as_str().unwrap_or_default().starts_with("Basic"),
+            "{r}"
+        );
+        let body = r[3].as_str().unwrap();
+        assert!(body.contains("credentials required"), "{r}");
+        assert!(!body.contains("warehouse"), "{r}");
+    }
+    anonymous.close().await.unwrap();
 
     // Operations, and one failed operation as a tree.
     client

@@ -59,6 +59,7 @@ pub struct CommandOptions {
     headers: Vec<(String, String)>,
     events: Vec<Event>,
     kv: Vec<KvWrite>,
+    ack: Option<txbus_core::Message>,
 }
 
 impl CommandOptions {
@@ -97,6 +98,15 @@ impl CommandOptions {
     /// [`Error::Conflict`] (a [`Conflict::Key`]) and nothing is written.
     pub fn kv(mut self, write: KvWrite) -> Self {
         self.kv.push(write);
+        self
+    }
+
+    /// Acknowledges the delivery of `msg` in the command's commit: for a handler that runs
+    /// this command as its work (a process manager reacting to an event), so that the save and
+    /// the acknowledgement cost one durable write, and a handler whose lease was taken over
+    /// cannot save (see [`txbus_core::Commit::acknowledging`]).
+    pub fn acknowledging(mut self, msg: &txbus_core::Message) -> Self {
+        self.ack = Some(msg.clone());
         self
     }
 
@@ -454,6 +464,9 @@ impl<A: Aggregate> Repository<A> {
         }
         for w in &options.kv {
             tx = tx.kv(w.clone());
+        }
+        if let Some(msg) = &options.ack {
+            tx = tx.acknowledging(msg);
         }
         let snapshot_written = self
             .snapshot_every

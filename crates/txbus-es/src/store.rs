@@ -329,6 +329,13 @@ impl Transaction<'_> {
         self
     }
 
+    /// Acknowledges the delivery of `msg` in this commit (see
+    /// [`Commit::acknowledging`]): for a handler whose work is this transaction.
+    pub fn acknowledging(mut self, msg: &txbus_core::Message) -> Self {
+        self.commit = self.commit.acknowledging(msg);
+        self
+    }
+
     /// Commits everything; returns each stream's new version and the operation.
     pub async fn commit(self) -> Result<Committed, Error> {
         let operation = self.store.bus.commit(self.commit).await?;

@@ -284,3 +284,61 @@ async fn command_options_commit_headers_events_and_keys_with_the_events() {
     );
     assert_eq!(store.stream_version("order-5").await.unwrap(), 1);
 }
+
+/// A handler that runs a command as its work acknowledges its delivery in the command's
+/// commit: the save and the acknowledgement are one write, the bus does not acknowledge the
+/// delivery again, and the operation that asked for it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_run_by_a_handler_acknowledges_its_delivery_in_the_save() {
+    use std::sync::OnceLock;
+    use txbus_core::{Bus, HandlerError, Message, On};
+
+    let dir = tempfile::tempdir().unwrap();
+    let repo: Arc<OnceLock<Repository<Order>>> = Arc::new(OnceLock::new());
+    let runs = Arc::new(AtomicU32::new(0));
+    let (r, n) = (repo.clone(), runs.clone());
+    let bus = Bus::builder()
+        .store(txbus_sqlite::SqliteStore::open(dir.path().join("es.db")).unwrap())
+        .handler(
+            "cart",
+            On::event("cart.item-requested"),
+            move |m: Message| {
+                let (repo, runs) = (r.clone(), n.clone());
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let orders = repo
+                        .get()
+                        .ok_or_else(|| HandlerError::transient("no repository"))?;
+                    let sku = m.payload()["sku"].as_str().unwrap_or_default().to_owned();
+                    orders
+                        .execute_with(
+                            "cart-1",
+                            &add(&sku, 1),
+                            &CommandOptions::new().acknowledging(&m),
+                        )
+                        .await
+                        .map_err(HandlerError::transient)?;
+                    Ok(())
+                }
+            },
+        )
+        .build()
+        .await
+        .unwrap();
+    let store = EventStore::new(bus.clone());
+    assert!(repo.set(Repository::<Order>::new(store.clone())).is_ok());
+    for sku in ["A1", "B2"] {
+        let op = bus
+            .transact([Event::new("cart.item-requested", json!({ "sku": sku }))])
+            .await
+            .unwrap();
+        assert!(op.outcome().await.unwrap().is_ok());
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(store.stream_version("order-cart-1").await.unwrap(), 2);
+    let counts = bus.inspect().handler_counts().await.unwrap();
+    let cart = counts.iter().find(|c| c.handler == "cart").unwrap();
+    assert_eq!((cart.succeeded, cart.retried), (2, 0), "{cart:?}");
+    let d = bus.stats().await.unwrap().deliveries;
+    assert_eq!((d.pending, d.leased, d.succeeded), (0, 0, 2));
+}

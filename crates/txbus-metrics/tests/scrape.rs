@@ -2,71 +2,17 @@
 //! what happened.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap};
+mod common;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use txbus_core::{Backoff, Bus, Event, HandlerError, Message, On};
 use txbus_sqlite::SqliteStore;
 
-type Sample = (String, BTreeMap<String, String>, f64);
-/// A series (name, labels to match) and the value it must have.
-type Expected = (&'static str, Vec<(&'static str, &'static str)>, f64);
-
-/// One GET over a fresh TCP connection; returns the status line and the body.
-async fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.to_owned(), body.to_owned())
-}
-
-fn parse(body: &str) -> Vec<Sample> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => {
-                    let labels = rest
-                        .trim_end_matches('}')
-                        .split("\",")
-                        .filter(|p| !p.is_empty())
-                        .map(|p| {
-                            let (k, v) = p.split_once('=').unwrap();
-                            (k.to_owned(), v.trim_matches('"').to_owned())
-                        })
-                        .collect();
-                    (n.to_owned(), labels)
-                }
-                None => (series.to_owned(), BTreeMap::new()),
-            };
-            (name, labels, value.parse::<f64>().unwrap())
-        })
-        .collect()
-}
-
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, _, v)| *v)
-        .sum()
-}
+use common::{get, parse, value, Expected};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrape_counts_what_happened() {
@@ -238,7 +184,9 @@ async fn scrape_counts_what_happened() {
     let (head, body) = loop {
         let (head, body) = get(addr, "/metrics").await;
         let samples = parse(&body);
-        let all = expected.iter().all(|(n, l, v)| value(&samples, n, l) == *v);
+        let all = expected
+            .iter()
+            .all(|(n, l, v)| value(&samples, n, l) == Some(*v));
         if all || Instant::now() > deadline {
             break (head, body);
         }
@@ -254,8 +202,8 @@ async fn scrape_counts_what_happened() {
     for (name, labels, want) in &expected {
         assert_eq!(
             value(&samples, name, labels),
-            *want,
-            "{name} {labels:?} in\n{body}"
+            Some(*want),
+            "{name} {labels:?} (None: no such series) in\n{body}"
         );
     }
     // Histograms are histograms (buckets), not summaries, and group commits were measured.
@@ -263,18 +211,19 @@ async fn scrape_counts_what_happened() {
         body.contains("# TYPE txbus_attempt_duration_seconds histogram"),
         "{body}"
     );
-    assert!(
-        value(
-            &samples,
-            "txbus_group_commit_size_count",
-            &[("store", "sqlite")]
-        ) >= 1.0
-    );
+    let groups = value(
+        &samples,
+        "txbus_group_commit_size_count",
+        &[("store", "sqlite")],
+    )
+    .expect("group commit sizes are measured");
+    assert!(groups >= 1.0, "{groups} group commits:\n{body}");
     let batched = value(
         &samples,
         "txbus_group_commit_size_sum",
         &[("store", "sqlite")],
-    );
+    )
+    .expect("group commit sizes are summed");
     // Every commit went through the writer in some group.
     assert!(
         batched >= 30.0,

@@ -444,6 +444,7 @@ async fn append_all(
                     error: None,
                     finished_at_ms: now,
                 }),
+                acked: Vec::new(),
             }
         })
         .collect())

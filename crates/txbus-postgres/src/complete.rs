@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 use txbus_core::inspect::minute_of;
-use txbus_core::store::{Completion, CompletionEffect, DeliveryResult, Error};
+use txbus_core::store::{Completion, CompletionEffect, Conflict, DeliveryResult, Error};
 use txbus_core::{OperationId, Outcome};
 
 use crate::error::db;
@@ -153,6 +153,65 @@ FROM c WHERE c.before = 0 AND c.after <> 0";
 pub(crate) struct Completed {
     /// One list of effects per request, in the order of its completions.
     pub(crate) effects: Vec<Vec<CompletionEffect>>,
+}
+
+/// Which acknowledgements still hold their leases, locking their deliveries' rows and their
+/// operations' commit rows until the transaction ends: a delivery with a row, leased under
+/// the acknowledgement's fence; or one kept on its commit's row, open under fence 1. Every row
+/// is reached by its key, as in [`ROUND`].
+const HELD: &str = "
+WITH a AS (
+         SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[]) AS a(id, fence, commit_id)),
+     d AS MATERIALIZED (
+         SELECT d.id, d.fence, d.status FROM {s}.deliveries d
+         WHERE d.id = ANY ($1::BIGINT[]) ORDER BY d.id FOR UPDATE),
+     lk AS MATERIALIZED (
+         SELECT c.id, c.first_delivery_id, c.inline_open FROM {s}.commits c
+         WHERE c.id = ANY ($4::BIGINT[]) ORDER BY c.id FOR UPDATE)
+SELECT a.id, a.fence FROM a
+WHERE EXISTS (SELECT 1 FROM d WHERE d.id = a.id AND d.fence = a.fence AND d.status = 1)
+   OR EXISTS (SELECT 1 FROM lk
+              WHERE lk.id = a.commit_id AND a.fence = 1 AND a.id >= lk.first_delivery_id
+                AND a.id < lk.first_delivery_id + 63
+                AND lk.inline_open & (1::BIGINT << (a.id - lk.first_delivery_id)::INT) <> 0)";
+
+/// For each list of acknowledgements (those a commit carries), the conflict that refuses its
+/// commit when one of them no longer holds its lease; `None` when all do. The leases stay
+/// locked until the transaction ends, so that what was checked holds when they are applied.
+pub(crate) async fn check_leases(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    lists: &[&[Completion]],
+) -> Result<Vec<Option<Conflict>>, Error> {
+    let all: Vec<&Completion> = lists.iter().flat_map(|l| l.iter()).collect();
+    if all.is_empty() {
+        return Ok(lists.iter().map(|_| None).collect());
+    }
+    let ids: Vec<i64> = all.iter().map(|a| a.delivery_id).collect();
+    let fences: Vec<i64> = all.iter().map(|a| a.fence).collect();
+    let commits: Vec<i64> = all.iter().map(|a| signed(a.commit_id)).collect();
+    let mut distinct = commits.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let held: Vec<(i64, i64)> = sqlx::query_as(&schema.sql(HELD))
+        .bind(&ids)
+        .bind(&fences)
+        .bind(&commits)
+        .bind(&distinct)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("checking leases"))?;
+    let held: std::collections::HashSet<(i64, i64)> = held.into_iter().collect();
+    Ok(lists
+        .iter()
+        .map(|list| {
+            list.iter()
+                .find(|a| !held.contains(&(a.delivery_id, a.fence)))
+                .map(|a| Conflict::Lease {
+                    delivery_id: a.delivery_id,
+                })
+        })
+        .collect())
 }
 
 /// How many statements the completions of `requests` take: one per round, as many rounds as

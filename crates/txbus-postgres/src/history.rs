@@ -3,6 +3,7 @@
 //! not sealed yet have no position and count as later than any.
 
 use sqlx::PgPool;
+use txbus_core::past_page::{self, PastPage};
 use txbus_core::store::{Error, KvVersion};
 
 use crate::error::db;
@@ -41,7 +42,9 @@ pub(crate) async fn kv_at(
     })
 }
 
-/// Keys under `prefix` after `after` with their values just after `position`.
+/// Keys under `prefix` after `after` with their values just after `position`: at most `limit`
+/// of them, examining at most `max_examined` keys (present then or not), with the last key
+/// examined to resume from when the scan stopped before the end of the prefix.
 pub(crate) async fn kv_scan_at(
     pool: &PgPool,
     schema: &Schema,
@@ -49,8 +52,10 @@ pub(crate) async fn kv_scan_at(
     after: Option<&str>,
     limit: usize,
     position: u64,
-) -> Result<Vec<KvVersion>, Error> {
+    max_examined: usize,
+) -> Result<PastPage<KvVersion>, Error> {
     let limit = limit.clamp(1, 10_000);
+    let max_examined = past_page::bounded(max_examined);
     let mut out = Vec::new();
     let (mut cursor, mut inclusive) = match after {
         Some(a) if a >= prefix => (a.to_owned(), false),
@@ -58,22 +63,27 @@ pub(crate) async fn kv_scan_at(
     };
     let from = schema.sql("SELECT key FROM {s}.commit_kv WHERE key >= $1 ORDER BY key LIMIT 1");
     let after = schema.sql("SELECT key FROM {s}.commit_kv WHERE key > $1 ORDER BY key LIMIT 1");
-    while out.len() < limit {
+    let mut examined = 0usize;
+    loop {
+        if out.len() >= limit || examined >= max_examined {
+            // Stopped by a bound: the caller continues after the last key examined.
+            return Ok(PastPage::new(out, Some(cursor)));
+        }
         let key: Option<String> = sqlx::query_scalar(if inclusive { &from } else { &after })
             .bind(&cursor)
             .fetch_optional(pool)
             .await
             .map_err(db("scanning past keys"))?;
         let Some(key) = key.filter(|k| k.starts_with(prefix)) else {
-            break;
+            return Ok(PastPage::new(out, None));
         };
+        examined += 1;
         if let Some(v) = kv_at(pool, schema, &key, position).await? {
             out.push(v);
         }
         cursor = key;
         inclusive = false;
     }
-    Ok(out)
 }
 
 /// The version of `stream` just after `position`: a binary search over its versions, whose
@@ -108,21 +118,30 @@ pub(crate) async fn stream_version_at(
     Ok(unsigned(lo))
 }
 
-/// Streams after `after` that had events just after `position`, with their versions then.
+/// Streams after `after` that had events just after `position`, with their versions then: at
+/// most `limit` of them, examining at most `max_examined` streams (with events then or not),
+/// with the last stream examined to resume from when the scan stopped before the end.
 pub(crate) async fn streams_at(
     pool: &PgPool,
     schema: &Schema,
     after: Option<&str>,
     limit: usize,
     position: u64,
-) -> Result<Vec<(String, u64)>, Error> {
+    max_examined: usize,
+) -> Result<PastPage<(String, u64)>, Error> {
     let limit = limit.clamp(1, 10_000);
+    let max_examined = past_page::bounded(max_examined);
     let mut out = Vec::new();
     let mut cursor = after.map(str::to_owned);
     let first = schema.sql("SELECT stream FROM {s}.streams ORDER BY stream LIMIT 1");
     let next =
         schema.sql("SELECT stream FROM {s}.streams WHERE stream > $1 ORDER BY stream LIMIT 1");
-    while out.len() < limit {
+    let mut examined = 0usize;
+    loop {
+        if out.len() >= limit || examined >= max_examined {
+            // Stopped by a bound: the caller continues after the last stream examined.
+            return Ok(PastPage::new(out, cursor));
+        }
         let query = match &cursor {
             None => sqlx::query_scalar(&first),
             Some(after) => sqlx::query_scalar(&next).bind(after.clone()),
@@ -131,14 +150,16 @@ pub(crate) async fn streams_at(
             .fetch_optional(pool)
             .await
             .map_err(db("scanning past streams"))?;
-        let Some(stream) = stream else { break };
+        let Some(stream) = stream else {
+            return Ok(PastPage::new(out, None));
+        };
+        examined += 1;
         let v = stream_version_at(pool, schema, &stream, position).await?;
         if v > 0 {
             out.push((stream.clone(), v));
         }
         cursor = Some(stream);
     }
-    Ok(out)
 }
 
 /// The last sealed position of the log (0 when empty).

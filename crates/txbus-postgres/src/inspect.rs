@@ -140,7 +140,8 @@ pub(crate) async fn record_batch(
 ) -> Result<(), Error> {
     let mut tally = Tally::new();
     for (req, out) in batch.iter().zip(outs) {
-        // Completions are counted by the statement that records them (see `crate::complete`).
+        // Completions, and acknowledgements carried by commits, are counted by the statement
+        // that records them (see `crate::complete`).
         match (&req.op, out) {
             (Op::Inspect(_), Some(Out::Acted(acted))) => {
                 for (_, handler) in &acted.done {

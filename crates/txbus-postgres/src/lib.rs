@@ -93,7 +93,8 @@ use txbus_core::store::{
     Store, StoreInfo, Subscription,
 };
 use txbus_core::{
-    Direction, KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention, StreamEvent,
+    Direction, KvEntry, KvWrite, OperationId, OperationState, PastPage, PruneReport, Retention,
+    StreamEvent,
 };
 
 use crate::context::Shared;
@@ -504,9 +505,11 @@ impl Store for PostgresStore {
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<KvVersion>, Error> {
+        max_examined: usize,
+    ) -> Result<PastPage<KvVersion>, Error> {
         let shared = self.open()?;
-        history::kv_scan_at(&shared.pool, &shared.schema, prefix, after, limit, position).await
+        let (pool, schema) = (&shared.pool, &shared.schema);
+        history::kv_scan_at(pool, schema, prefix, after, limit, position, max_examined).await
     }
 
     async fn stream_version_at(&self, stream: &str, position: u64) -> Result<u64, Error> {
@@ -519,9 +522,11 @@ impl Store for PostgresStore {
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<(String, u64)>, Error> {
+        max_examined: usize,
+    ) -> Result<PastPage<(String, u64)>, Error> {
         let shared = self.open()?;
-        history::streams_at(&shared.pool, &shared.schema, after, limit, position).await
+        let (pool, schema) = (&shared.pool, &shared.schema);
+        history::streams_at(pool, schema, after, limit, position, max_examined).await
     }
 
     async fn kv_get(&self, key: &str) -> Result<Option<KvEntry>, Error> {

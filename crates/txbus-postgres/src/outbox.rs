@@ -77,7 +77,7 @@ impl PostgresStore {
     ///
     /// [`Error::Invalid`] when `conn` is not inside a transaction started through sqlx (to
     /// commit on its own, use [`Store::append`](txbus_core::store::Store::append)) or the
-    /// commit is unusable; [`Error::Conflict`] as above; [`Error::Closed`] when the store is
+    /// commit is unusable (it acknowledges deliveries, say); [`Error::Conflict`] as above; [`Error::Closed`] when the store is
     /// closed; [`Error::Backend`] when the database fails.
     pub async fn append_in(
         &self,
@@ -93,6 +93,13 @@ impl PostgresStore {
             ));
         }
         condition::check_commit(&commit)?;
+        if !commit.acks.is_empty() {
+            return Err(Error::Invalid(
+                "a commit written in the caller's own transaction cannot acknowledge a delivery: \
+                 commit it through the bus (Store::append) instead"
+                    .into(),
+            ));
+        }
         commit.lease_to = None;
         for d in &mut commit.deliveries {
             d.leased = false;

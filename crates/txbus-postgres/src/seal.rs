@@ -73,20 +73,26 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 
 /// The head, the round's snapshot and the unsealed visible commits, in one statement (so one
 /// snapshot): commits of transactions that the last complete round could not see finished,
-/// without a seal, in id order. The seal check is a subquery per candidate so that it is
-/// always an index probe, whatever the planner thinks of the table's size.
+/// without a seal, in id order. The candidates are gathered first, through the index on
+/// `xid` (a probe of the seals per candidate, as a subquery, so that it stays an index probe
+/// whatever the planner thinks of the tables' sizes), and only then sorted and cut: with the
+/// order and the limit on the scan itself, a plan could walk the whole table in id order
+/// hoping to meet candidates early.
 pub(crate) const READ_ROUND: &str = "
+WITH h AS MATERIALIZED (
+         SELECT position, chain_hash, seal_xmax, seal_xip FROM {s}.chain_head),
+     candidates AS MATERIALIZED (
+         SELECT c.id, c.data_hash FROM {s}.commits c, h
+         WHERE (c.xid >= h.seal_xmax OR c.xid = ANY (h.seal_xip))
+           AND (SELECT true FROM {s}.commit_seals s WHERE s.commit_id = c.id) IS NULL)
 SELECT h.position, h.chain_hash,
        pg_snapshot_xmax(pg_current_snapshot())::TEXT::BIGINT,
        ARRAY(SELECT x::TEXT::BIGINT FROM pg_snapshot_xip(pg_current_snapshot()) AS x),
        p.ids, p.hashes
-FROM {s}.chain_head h
-CROSS JOIN LATERAL (
-    SELECT array_agg(u.id ORDER BY u.id) AS ids, array_agg(u.data_hash ORDER BY u.id) AS hashes
-    FROM (SELECT c.id, c.data_hash FROM {s}.commits c
-          WHERE (c.xid >= h.seal_xmax OR c.xid = ANY (h.seal_xip))
-            AND (SELECT true FROM {s}.commit_seals s WHERE s.commit_id = c.id) IS NULL
-          ORDER BY c.id LIMIT $1) AS u) AS p";
+FROM h CROSS JOIN LATERAL (
+         SELECT array_agg(u.id ORDER BY u.id) AS ids,
+                array_agg(u.data_hash ORDER BY u.id) AS hashes
+         FROM (SELECT id, data_hash FROM candidates ORDER BY id LIMIT $1) AS u) AS p";
 
 /// The round's seals, the new head (only if the head is still where the round read it), the
 /// snapshot to start from next time (when the round saw everything) and the signature, all or

@@ -278,10 +278,11 @@ fn conflict_pause_ms(round: u32) -> u64 {
 }
 
 /// True when the batch is one statement, which is then a transaction of its own (one round
-/// trip, instead of two more for BEGIN and COMMIT): appends without conditions, or
-/// completions of distinct deliveries, or heartbeats.
+/// trip, instead of two more for BEGIN and COMMIT): appends without conditions or
+/// acknowledgements, or completions of distinct deliveries, or heartbeats.
 fn one_statement(batch: &[Request]) -> bool {
-    let unconditional = |c: &NewCommit| c.streams.is_empty() && c.kv.is_empty();
+    let unconditional =
+        |c: &NewCommit| c.streams.is_empty() && c.kv.is_empty() && c.acks.is_empty();
     if batch
         .iter()
         .all(|r| matches!(&r.op, Op::Append(c, _) if unconditional(c)))
@@ -359,10 +360,29 @@ async fn apply(
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
     let mut announce = Announcements::default();
 
+    // Commits that acknowledge deliveries hold only while those leases are theirs: check
+    // (and lock) them first, so that a stale one refuses its commit before anything is written.
+    let (at, acks): (Vec<usize>, Vec<&[Completion]>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.op {
+            Op::Append(c, _) if !c.acks.is_empty() => Some((i, c.acks.as_slice())),
+            _ => None,
+        })
+        .unzip();
+    if !acks.is_empty() {
+        let verdicts = crate::complete::check_leases(conn, schema, &acks).await?;
+        for (i, conflict) in at.into_iter().zip(verdicts) {
+            if let Some(conflict) = conflict {
+                outs[i] = Some(Out::Conflict(conflict));
+            }
+        }
+    }
     let (at, writes): (Vec<usize>, Vec<Write<'_>>) = batch
         .iter()
         .enumerate()
         .filter_map(|(i, r)| match &r.op {
+            Op::Append(..) if outs[i].is_some() => None,
             Op::Append(c, hash) => Some((i, Write::Commit(c, hash))),
             Op::Kv(w) => Some((i, Write::Kv(w))),
             _ => None,
@@ -389,11 +409,15 @@ async fn apply(
         }
     }
 
+    // Completions, and the acknowledgements carried by the commits just written.
     let (at, lists): (Vec<usize>, Vec<&[Completion]>) = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| match &r.op {
-            Op::Complete(c) => Some((i, c.as_slice())),
+        .filter_map(|(i, r)| match (&r.op, &outs[i]) {
+            (Op::Complete(c), _) => Some((i, c.as_slice())),
+            (Op::Append(c, _), Some(Out::Append(_))) if !c.acks.is_empty() => {
+                Some((i, c.acks.as_slice()))
+            }
             _ => None,
         })
         .unzip();
@@ -405,7 +429,17 @@ async fn apply(
             }
         }
         for (i, effects) in at.into_iter().zip(done.effects) {
-            outs[i] = Some(Out::Complete(effects));
+            match &mut outs[i] {
+                Some(Out::Append(receipt)) => {
+                    if effects.contains(&CompletionEffect::Stale) {
+                        return Err(Error::Corrupt(
+                            "an acknowledgement checked as current did not apply".into(),
+                        ));
+                    }
+                    receipt.acked = effects;
+                }
+                slot => *slot = Some(Out::Complete(effects)),
+            }
         }
     }
 

@@ -298,3 +298,48 @@ async fn a_commit_with_more_deliveries_than_bits_keeps_the_rest_as_rows() {
     assert_eq!(stats.pending_operations, 0);
     store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_acknowledging_an_inline_delivery_writes_no_row_and_a_stale_one_writes_nothing() {
+    let schema = TestSchema::new();
+    let store = open(&schema.name).await;
+    let owner = uuid::Uuid::now_v7();
+    let first = store.append(commit(1, Some(owner))).await.unwrap();
+    let id = first.delivery_ids[0];
+
+    // The handler's own commit carries its acknowledgement: one transaction for both.
+    let mut step = commit(2, Some(owner));
+    step.acks = vec![ack(id, first.commit_id, 1, 1, DeliveryResult::Succeeded)];
+    let receipt = store.append(step).await.unwrap();
+    match receipt.acked.as_slice() {
+        [CompletionEffect::Applied(Some(outcome))] => assert!(outcome.is_ok()),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        rows(&schema.name).await.is_empty(),
+        "both kept on commit rows"
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.commits, 2);
+    assert_eq!(
+        (stats.deliveries.succeeded, stats.deliveries.leased),
+        (1, 1)
+    );
+
+    // Acknowledging it again: the lease is gone, so the commit is refused and writes nothing.
+    let mut again = commit(3, Some(owner));
+    again.acks = vec![ack(id, first.commit_id, 1, 1, DeliveryResult::Succeeded)];
+    match store.append(again).await {
+        Err(txbus_core::store::Error::Conflict(txbus_core::Conflict::Lease { delivery_id })) => {
+            assert_eq!(delivery_id, id);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.commits, 2, "nothing written");
+    assert_eq!(
+        (stats.deliveries.succeeded, stats.deliveries.leased),
+        (1, 1)
+    );
+    store.close().await.unwrap();
+}

@@ -180,17 +180,25 @@ impl txbus_core::Handler for StepRunner {
         if state.deadline_exceeded {
             // The deadline passed while this step waited for an attempt: do not start it.
             shared
-                .drive(&bus, &id, Some(request), Some(request), |plan| {
-                    if plan.base().is_some_and(|s| s.awaits(request)) {
-                        plan.push(SagaEvent::StepFailed {
-                            step: index,
-                            name: name.clone(),
-                            error: "the saga's deadline passed before this step could run".into(),
-                            attempts: attempt_no.saturating_sub(1),
-                        })?;
-                    }
-                    Ok(())
-                })
+                .drive_acking(
+                    &bus,
+                    &id,
+                    Some(request),
+                    Some(request),
+                    Some(&msg),
+                    |plan| {
+                        if plan.base().is_some_and(|s| s.awaits(request)) {
+                            plan.push(SagaEvent::StepFailed {
+                                step: index,
+                                name: name.clone(),
+                                error: "the saga's deadline passed before this step could run"
+                                    .into(),
+                                attempts: attempt_no.saturating_sub(1),
+                            })?;
+                        }
+                        Ok(())
+                    },
+                )
                 .await
                 .map_err(transient)?;
             return Ok(());
@@ -199,18 +207,27 @@ impl txbus_core::Handler for StepRunner {
         tracing::debug!(saga = %id, step = %name, attempt = attempt_no, "running step");
         match attempt(action(ctx), step.retry.timeout).await {
             Attempt::Done(output) => {
+                // The completion and the next step's request commit with this delivery's
+                // acknowledgement: one durable write per step.
                 shared
-                    .drive(&bus, &id, Some(request), Some(request), |plan| {
-                        if plan.base().is_some_and(|s| s.awaits(request)) {
-                            plan.push(SagaEvent::StepCompleted {
-                                step: index,
-                                name: name.clone(),
-                                output: output.clone(),
-                                attempts: attempt_no,
-                            })?;
-                        }
-                        Ok(())
-                    })
+                    .drive_acking(
+                        &bus,
+                        &id,
+                        Some(request),
+                        Some(request),
+                        Some(&msg),
+                        |plan| {
+                            if plan.base().is_some_and(|s| s.awaits(request)) {
+                                plan.push(SagaEvent::StepCompleted {
+                                    step: index,
+                                    name: name.clone(),
+                                    output: output.clone(),
+                                    attempts: attempt_no,
+                                })?;
+                            }
+                            Ok(())
+                        },
+                    )
                     .await
                     .map_err(transient)?;
                 Ok(())
@@ -218,8 +235,11 @@ impl txbus_core::Handler for StepRunner {
             Attempt::Failed { reason, rejected } => {
                 let last = rejected || attempt_no > step.retry.max_retries;
                 let mut failed_for_good = false;
+                // The attempt that ends the step acknowledges its delivery in the same commit;
+                // one to be retried leaves its delivery to the retry.
+                let ack = last.then_some(&msg);
                 let driven = shared
-                    .drive(&bus, &id, Some(request), Some(request), |plan| {
+                    .drive_acking(&bus, &id, Some(request), Some(request), ack, |plan| {
                         failed_for_good = false;
                         let Some(base) = plan.base() else {
                             return Ok(());
@@ -304,8 +324,9 @@ impl txbus_core::Handler for Compensator {
                 reason,
             ),
         };
+        let ack = (done || last).then_some(&msg);
         let driven = shared
-            .drive(&bus, &id, Some(request), Some(request), |plan| {
+            .drive_acking(&bus, &id, Some(request), Some(request), ack, |plan| {
                 if !plan.base().is_some_and(|s| s.awaits(request)) {
                     return Ok(());
                 }

@@ -219,6 +219,17 @@ impl Shared {
         bus: &Bus,
         plan: Plan<'_>,
     ) -> Result<Option<Arc<SagaState>>, Error> {
+        self.commit_acking(bus, plan, None).await
+    }
+
+    /// [`commit`](Self::commit), carrying the acknowledgement of `ack`'s delivery when the
+    /// plan is the last thing its handler writes (see [`Commit::acknowledging`]).
+    pub(crate) async fn commit_acking(
+        &self,
+        bus: &Bus,
+        plan: Plan<'_>,
+        ack: Option<&txbus_core::Message>,
+    ) -> Result<Option<Arc<SagaState>>, Error> {
         let expected = match plan.base() {
             Some(base) => ExpectedVersion::Exact(base.version),
             None => ExpectedVersion::NoStream,
@@ -233,6 +244,9 @@ impl Shared {
         let mut commit = Commit::new().stream(state.id.stream(), expected, events);
         for write in kv {
             commit = commit.kv(write);
+        }
+        if let Some(msg) = ack {
+            commit = commit.acknowledging(msg);
         }
         match bus.commit_unwatched(commit).await {
             Ok(_) => {}
@@ -274,6 +288,24 @@ impl Shared {
         id: &SagaId,
         want: Option<MessageId>,
         cause: Option<MessageId>,
+        decide: F,
+    ) -> Result<Driven, Error>
+    where
+        F: FnMut(&mut Plan<'_>) -> Result<(), Error>,
+    {
+        self.drive_acking(bus, id, want, cause, None, decide).await
+    }
+
+    /// [`drive`](Self::drive), whose commit (when it makes one) also acknowledges `ack`'s
+    /// delivery: for a handler whose work ends with that commit, so that the step costs one
+    /// durable write.
+    pub(crate) async fn drive_acking<F>(
+        &self,
+        bus: &Bus,
+        id: &SagaId,
+        want: Option<MessageId>,
+        cause: Option<MessageId>,
+        ack: Option<&txbus_core::Message>,
         mut decide: F,
     ) -> Result<Driven, Error>
     where
@@ -291,7 +323,7 @@ impl Shared {
                 return Ok(Driven::Skipped);
             }
             plan.follow_on()?;
-            if self.commit(bus, plan).await?.is_some() {
+            if self.commit_acking(bus, plan, ack).await?.is_some() {
                 return Ok(Driven::Committed);
             }
             // Someone else moved the saga: read what they wrote, then decide again.

@@ -63,6 +63,9 @@ pub(crate) fn claim(
             if room <= 0 {
                 break;
             }
+            if let Ok(owner) = OwnerId::from_slice(stale) {
+                crate::inline::materialize_owner(tx, Some(&owner), now)?;
+            }
             let more: Vec<i64> = tx
                 .prepare_cached(
                     "SELECT id FROM deliveries

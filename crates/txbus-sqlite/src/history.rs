@@ -3,6 +3,7 @@
 //! lookup is a few index seeks, whatever the position: no replay, so no snapshots needed.
 
 use rusqlite::{params, Connection, OptionalExtension};
+use txbus_core::past_page::{self, PastPage};
 use txbus_core::store::{Error, KvVersion};
 
 use crate::error::sql;
@@ -39,15 +40,19 @@ pub(crate) fn kv_at(c: &Connection, key: &str, position: u64) -> Result<Option<K
     })
 }
 
-/// Keys under `prefix` after `after` with their values just after `position`.
+/// Keys under `prefix` after `after` with their values just after `position`: at most `limit`
+/// of them, examining at most `max_examined` keys (present then or not), with the last key
+/// examined to resume from when the scan stopped before the end of the prefix.
 pub(crate) fn kv_scan_at(
     c: &Connection,
     prefix: &str,
     after: Option<&str>,
     limit: usize,
     position: u64,
-) -> Result<Vec<KvVersion>, Error> {
+    max_examined: usize,
+) -> Result<PastPage<KvVersion>, Error> {
     let limit = limit.clamp(1, 10_000);
+    let max_examined = past_page::bounded(max_examined);
     let mut out = Vec::with_capacity(limit.min(256));
     let mut cursor: String = match after {
         Some(a) if a >= prefix => a.to_owned(),
@@ -57,7 +62,12 @@ pub(crate) fn kv_scan_at(
     if inclusive {
         cursor = prefix.to_owned();
     }
-    while out.len() < limit {
+    let mut examined = 0usize;
+    loop {
+        if out.len() >= limit || examined >= max_examined {
+            // Stopped by a bound: the caller continues after the last key examined.
+            return Ok(PastPage::new(out, Some(cursor)));
+        }
         // Two plain range conditions, so that each step is one seek in the key index.
         let sql_text = if inclusive {
             "SELECT key FROM commit_kv WHERE key >= ?1 ORDER BY key LIMIT 1"
@@ -69,15 +79,15 @@ pub(crate) fn kv_scan_at(
             .and_then(|mut s| s.query_row(params![cursor], |r| r.get(0)).optional())
             .map_err(sql("scanning past keys"))?;
         let Some(key) = key.filter(|k| k.starts_with(prefix)) else {
-            break;
+            return Ok(PastPage::new(out, None));
         };
+        examined += 1;
         if let Some(v) = kv_at(c, &key, position)? {
             out.push(v);
         }
         cursor = key;
         inclusive = false;
     }
-    Ok(out)
 }
 
 fn position_of(c: &Connection, stream: &str, version: i64) -> Result<i64, Error> {
@@ -103,17 +113,26 @@ pub(crate) fn stream_version_at(c: &Connection, stream: &str, position: u64) -> 
     Ok(u64::try_from(lo).unwrap_or(0))
 }
 
-/// Streams after `after` that had events just after `position`, with their versions then.
+/// Streams after `after` that had events just after `position`, with their versions then: at
+/// most `limit` of them, examining at most `max_examined` streams (with events then or not),
+/// with the last stream examined to resume from when the scan stopped before the end.
 pub(crate) fn streams_at(
     c: &Connection,
     after: Option<&str>,
     limit: usize,
     position: u64,
-) -> Result<Vec<(String, u64)>, Error> {
+    max_examined: usize,
+) -> Result<PastPage<(String, u64)>, Error> {
     let limit = limit.clamp(1, 10_000);
+    let max_examined = past_page::bounded(max_examined);
     let mut out = Vec::new();
     let mut cursor = after.map(str::to_owned);
-    while out.len() < limit {
+    let mut examined = 0usize;
+    loop {
+        if out.len() >= limit || examined >= max_examined {
+            // Stopped by a bound: the caller continues after the last stream examined.
+            return Ok(PastPage::new(out, cursor));
+        }
         // A plain range condition, so that each step is one seek in the stream index.
         let stream: Option<String> = match &cursor {
             None => c
@@ -126,14 +145,16 @@ pub(crate) fn streams_at(
                 .and_then(|mut s| s.query_row(params![after], |r| r.get(0)).optional()),
         }
         .map_err(sql("scanning past streams"))?;
-        let Some(stream) = stream else { break };
+        let Some(stream) = stream else {
+            return Ok(PastPage::new(out, None));
+        };
+        examined += 1;
         let v = stream_version_at(c, &stream, position)?;
         if v > 0 {
             out.push((stream.clone(), v));
         }
         cursor = Some(stream);
     }
-    Ok(out)
 }
 
 /// The last position of the log (0 when empty).

@@ -126,6 +126,9 @@ pub(crate) fn record_batch(
             (Op::Complete(completions), Ok(Out::Complete(effects))) => {
                 tally.completions(completions, effects);
             }
+            (Op::Append(commit, _), Ok(Out::Append(receipt))) => {
+                tally.completions(&commit.acks, &receipt.acked);
+            }
             (Op::Inspect(_), Ok(Out::Acted(acted))) => {
                 for (_, handler) in &acted.done {
                     tally.dead_removed(handler, 1);
@@ -259,6 +262,39 @@ pub(crate) fn handler_counts(c: &Connection) -> Result<Vec<HandlerCounts>, Error
             });
         after = handler;
     }
+    // Deliveries open on their commit rows are leased: found through the partial index of
+    // commits with open ones (as many as the running buses hold in memory).
+    let mut inline_leased: std::collections::HashMap<String, u64> = Default::default();
+    {
+        let mut stmt = c
+            .prepare_cached(
+                "SELECT position, inline, inline_open FROM commits WHERE inline_open != 0 LIMIT ?1",
+            )
+            .map_err(sql("preparing the inline delivery query"))?;
+        let mut rows = stmt
+            .query([i64::try_from(OPEN_COUNT_CAP).unwrap_or(i64::MAX)])
+            .map_err(sql("reading inline deliveries"))?;
+        while let Some(r) = rows.next().map_err(sql("reading inline deliveries"))? {
+            let (position, list, open): (i64, Option<String>, i64) = (
+                r.get(0).map_err(sql("reading inline deliveries"))?,
+                r.get(1).map_err(sql("reading inline deliveries"))?,
+                r.get(2).map_err(sql("reading inline deliveries"))?,
+            );
+            for e in crate::inline::decode(position, list.as_deref().unwrap_or("[]"))? {
+                if open & crate::inline::bit(e.offset) != 0 {
+                    *inline_leased.entry(e.handler).or_default() += 1;
+                }
+            }
+        }
+    }
+    for handler in inline_leased.keys() {
+        by_name
+            .entry(handler.clone())
+            .or_insert_with(|| HandlerCounts {
+                handler: handler.clone(),
+                ..HandlerCounts::default()
+            });
+    }
     // The repeated `status <= 1` lets the planner use the partial index.
     let mut open = c
         .prepare_cached(
@@ -278,9 +314,10 @@ pub(crate) fn handler_counts(c: &Connection) -> Result<Vec<HandlerCounts>, Error
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .map_err(sql("counting open deliveries"))?;
+        let inline = inline_leased.get(&h.handler).copied().unwrap_or(0);
         h.pending = count(pending);
-        h.leased = count(leased);
-        h.open_capped = pending >= cap || leased >= cap;
+        h.leased = (count(leased) + inline).min(OPEN_COUNT_CAP);
+        h.open_capped = pending >= cap || leased >= cap || h.leased >= OPEN_COUNT_CAP;
         h.oldest_pending_due_ms = oldest;
     }
     Ok(by_name.into_values().collect())
@@ -532,15 +569,90 @@ pub(crate) fn operation_detail(
     }))
 }
 
-/// The deliveries of the commit at `position`: delivery ids follow positions, so a binary
-/// search finds the first, and they lie together from there.
+/// The deliveries of the commit at `position`: those kept on its row (open, or succeeded and
+/// not yet past retention), then those with rows of their own, in id order.
 fn deliveries_of(c: &Connection, position: i64) -> Result<Vec<(i64, DeliveryDetail)>, Error> {
+    let mut out = inline_deliveries_of(c, position)?;
+    out.extend(row_deliveries_of(c, position)?);
+    out.sort_by_key(|(_, d)| d.delivery_id);
+    Ok(out)
+}
+
+/// `first_delivery`, `inline`, `inline_open`, `inline_done`, `created_at`, `op_finished_at`.
+type InlineSummary = (Option<i64>, Option<String>, i64, i64, i64, Option<i64>);
+
+/// The deliveries kept on the commit row at `position`. A succeeded one has no time of its
+/// own: its operation's finish (or the commit's) stands for it.
+fn inline_deliveries_of(
+    c: &Connection,
+    position: i64,
+) -> Result<Vec<(i64, DeliveryDetail)>, Error> {
+    let row: Option<InlineSummary> = c
+        .prepare_cached(
+            "SELECT first_delivery, inline, inline_open, inline_done, created_at, op_finished_at
+             FROM commits WHERE position = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([position], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(sql("reading a commit's inline deliveries"))?;
+    let Some((Some(first), Some(list), open, done, created, finished)) = row else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in crate::inline::decode(position, &list)? {
+        let b = crate::inline::bit(e.offset);
+        let (status, attempts, updated) = if open & b != 0 {
+            (DeliveryStatus::Leased, 0, created)
+        } else if done & b != 0 {
+            (DeliveryStatus::Succeeded, 1, finished.unwrap_or(created))
+        } else {
+            continue;
+        };
+        out.push((
+            i64::from(e.idx),
+            DeliveryDetail {
+                delivery_id: first + i64::from(e.offset),
+                handler: e.handler,
+                status,
+                attempts,
+                interruptions: 0,
+                last_error: None,
+                next_at_ms: created,
+                updated_at_ms: updated,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The deliveries of the commit at `position` that have rows: delivery ids follow positions,
+/// so the commit's first id (or a binary search, for commits written before they were
+/// recorded) finds the first, and they lie together from there.
+fn row_deliveries_of(c: &Connection, position: i64) -> Result<Vec<(i64, DeliveryDetail)>, Error> {
     let (Some(mut lo), Some(hi)) = (
         one(c, "SELECT MIN(id) FROM deliveries", [])?,
         one(c, "SELECT MAX(id) FROM deliveries", [])?,
     ) else {
         return Ok(Vec::new());
     };
+    if let Some(first) = one(
+        c,
+        "SELECT first_delivery FROM commits WHERE position = ?1",
+        [position],
+    )? {
+        lo = lo.max(first);
+    }
     let mut hi = hi + 1;
     while lo < hi {
         let mid = lo + (hi - lo) / 2;

@@ -16,11 +16,13 @@
 
 mod append;
 mod chain_read;
+mod checkpoint;
 mod claim;
 mod commit_meta;
 mod complete;
 mod error;
 mod history;
+mod inline;
 mod inspect;
 mod kv;
 mod lock;
@@ -45,7 +47,7 @@ use txbus_core::store::{
     DeadLetterQuery, Error, KvVersion, NewCommit, OwnerId, Stats, Store, StoreInfo,
 };
 use txbus_core::stream::{Direction, StreamEvent};
-use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PruneReport, Retention};
+use txbus_core::{KvEntry, KvWrite, OperationId, OperationState, PastPage, PruneReport, Retention};
 
 use crate::error::sql;
 use crate::writer::{Op, Out, Request, Writer};
@@ -119,6 +121,9 @@ struct Inner {
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Copies committed pages from the log into the file (see `checkpoint`); stops once the
+    /// writer has.
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
     lock: Mutex<Option<lock::FileLock>>,
     signer: commit_meta::SharedSigner,
@@ -171,7 +176,22 @@ impl SqliteStore {
         configure(&conn, &options)?;
         schema::migrate(&mut conn)?;
         // Every lease in the file belongs to a process that no longer holds the lock: free
-        // them all now (one scan at open) rather than look for them on every claim.
+        // them all now (one scan at open) rather than look for them on every claim. Those
+        // kept on commit rows get their rows first.
+        {
+            let tx = conn
+                .transaction()
+                .map_err(sql("starting the recovery of leases"))?;
+            let n = inline::materialize_owner(&tx, None, writer::now_ms())?;
+            tx.commit()
+                .map_err(sql("committing the recovery of leases"))?;
+            if n > 0 {
+                tracing::info!(
+                    count = n,
+                    "recovered deliveries leased by a process that stopped"
+                );
+            }
+        }
         conn.execute_batch(
             "UPDATE deliveries SET status = 0, owner = NULL, interruptions = interruptions + 1
              WHERE status = 1;
@@ -185,7 +205,8 @@ impl SqliteStore {
             .map_err(sql("configuring the read connection"))?;
 
         let signer = commit_meta::SharedSigner::default();
-        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer))?;
+        let (nudge, checkpointer) = checkpoint::start(&conn, &path, |c| configure(c, &options))?;
+        let writer = Writer::new(conn, options.max_batch, Arc::clone(&signer), nudge)?;
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("txbus-sqlite-writer".into())
@@ -197,6 +218,7 @@ impl SqliteStore {
                 path,
                 sender: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                checkpointer: Mutex::new(Some(checkpointer)),
                 reader: Arc::new(Mutex::new(reader)),
                 lock: Mutex::new(Some(lock)),
                 signer,
@@ -247,7 +269,10 @@ fn unexpected() -> Error {
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, commit: NewCommit) -> Result<AppendReceipt, Error> {
-        match self.call(Op::Append(commit)).await? {
+        // The data hash covers every payload: worked out on the caller's task, so that the
+        // writer thread only links it into the chain.
+        let data = append::data_hash(&commit);
+        match self.call(Op::Append(commit, data)).await? {
             Out::Append(r) => Ok(r),
             _ => Err(unexpected()),
         }
@@ -424,11 +449,14 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<KvVersion>, Error> {
+        max_examined: usize,
+    ) -> Result<PastPage<KvVersion>, Error> {
         let prefix = prefix.to_owned();
         let after = after.map(str::to_owned);
-        self.read(move |c| history::kv_scan_at(c, &prefix, after.as_deref(), limit, position))
-            .await
+        self.read(move |c| {
+            history::kv_scan_at(c, &prefix, after.as_deref(), limit, position, max_examined)
+        })
+        .await
     }
 
     async fn stream_version_at(&self, stream: &str, position: u64) -> Result<u64, Error> {
@@ -442,9 +470,10 @@ impl Store for SqliteStore {
         after: Option<&str>,
         limit: usize,
         position: u64,
-    ) -> Result<Vec<(String, u64)>, Error> {
+        max_examined: usize,
+    ) -> Result<PastPage<(String, u64)>, Error> {
         let after = after.map(str::to_owned);
-        self.read(move |c| history::streams_at(c, after.as_deref(), limit, position))
+        self.read(move |c| history::streams_at(c, after.as_deref(), limit, position, max_examined))
             .await
     }
 
@@ -472,6 +501,18 @@ impl Store for SqliteStore {
                 .map_err(|e| Error::backend("waiting for the writer", e))?
                 .map_err(|_| Error::Corrupt("the writer thread panicked".into()))?;
         }
+        let checkpointer = self
+            .inner
+            .checkpointer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = checkpointer {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| Error::backend("waiting for the checkpointer", e))?
+                .map_err(|_| Error::Corrupt("the checkpoint thread panicked".into()))?;
+        }
         // The file is free for the next process (or the next open in this one).
         self.inner
             .lock
@@ -491,6 +532,14 @@ impl Drop for Inner {
             .take();
         if let Some(handle) = self
             .writer
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self
+            .checkpointer
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .take()

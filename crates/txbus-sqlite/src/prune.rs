@@ -18,8 +18,11 @@ use crate::writer::{ms, State};
 /// Ids and positions below which finished work may go.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Bounds {
-    /// Succeeded deliveries with a smaller id are past retention.
+    /// Succeeded delivery rows with a smaller id are past retention.
     pub(crate) succeeded_below: i64,
+    /// Succeeded deliveries kept on the rows of commits at a smaller position are past
+    /// retention.
+    pub(crate) succeeded_below_pos: i64,
     /// Outcomes of commits at a smaller position are past retention.
     pub(crate) outcomes_below: i64,
 }
@@ -97,18 +100,60 @@ fn first_delivery_from(c: &Connection, position: i64) -> Result<i64, Error> {
     })
 }
 
+/// The first delivery id of the commits at or after `position` (ids follow positions).
+fn first_commit_delivery_from(c: &Connection, position: i64) -> Result<Option<i64>, Error> {
+    one_i64(
+        c,
+        "SELECT first_delivery FROM commits WHERE position >= ?1 AND first_delivery IS NOT NULL
+         ORDER BY position LIMIT 1",
+        [position],
+    )
+}
+
+/// By count: walking back from the newest commit, the first (position, delivery id) at which
+/// more than `keep` succeeded deliveries — rows and those kept on commit rows — lie at or
+/// above; everything below it goes, so at most `keep` are kept. Whole commits are kept or go
+/// together. `(0, 0)` when there are no more than `keep`.
+fn succeeded_by_count(c: &Connection, keep: u64) -> Result<(i64, i64), Error> {
+    let mut commits = c
+        .prepare_cached(
+            "SELECT position, first_delivery, delivery_count, inline_done FROM commits
+             WHERE first_delivery IS NOT NULL ORDER BY position DESC",
+        )
+        .map_err(sql("computing retention bounds"))?;
+    let mut rows = c
+        .prepare_cached("SELECT COUNT(*) FROM deliveries WHERE id >= ?1 AND id < ?2 AND status = 2")
+        .map_err(sql("computing retention bounds"))?;
+    let mut walk = commits
+        .query([])
+        .map_err(sql("computing retention bounds"))?;
+    let mut kept = 0u64;
+    while let Some(r) = walk.next().map_err(sql("computing retention bounds"))? {
+        let (position, first, n, done): (i64, i64, i64, i64) =
+            (|| Ok::<_, rusqlite::Error>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))()
+                .map_err(sql("computing retention bounds"))?;
+        let in_rows: i64 = rows
+            .query_row(params![first, first + n], |r| r.get(0))
+            .map_err(sql("computing retention bounds"))?;
+        kept += u64::from(done.count_ones()) + u64::try_from(in_rows).unwrap_or(0);
+        if kept > keep {
+            return Ok((position + 1, first + n));
+        }
+    }
+    Ok((0, 0))
+}
+
 /// Works out the bounds on the read connection: by count, the newest `max_count` are kept;
 /// by age, what was committed before `now - max_age` goes. The larger bound wins.
 pub(crate) fn bounds(c: &Connection, r: &Retention, now: i64) -> Result<Bounds, Error> {
     let count = |keep: &Keep| i64::try_from(keep.max_count).unwrap_or(i64::MAX);
-    let succeeded_by_count = one_i64(
-        c,
-        "SELECT id FROM deliveries WHERE status = 2 ORDER BY id DESC LIMIT 1 OFFSET ?1",
-        [count(&r.succeeded)],
-    )?
-    .map_or(0, |id| id + 1);
-    let succeeded_by_age =
-        first_delivery_from(c, first_position_since(c, now - ms(r.succeeded.max_age))?)?;
+    let (by_count_pos, by_count_id) = succeeded_by_count(c, r.succeeded.max_count)?;
+    let by_age_pos = first_position_since(c, now - ms(r.succeeded.max_age))?;
+    // Rows of commits written before deliveries had id ranges are found by their own ids.
+    let by_age_id = match first_commit_delivery_from(c, by_age_pos)? {
+        Some(id) => id.min(first_delivery_from(c, by_age_pos)?),
+        None => first_delivery_from(c, by_age_pos)?,
+    };
     let outcomes_by_count = one_i64(
         c,
         "SELECT position FROM commits WHERE op_status IN (1, 2) ORDER BY position DESC LIMIT 1 OFFSET ?1",
@@ -117,7 +162,8 @@ pub(crate) fn bounds(c: &Connection, r: &Retention, now: i64) -> Result<Bounds, 
     .map_or(0, |p| p + 1);
     let outcomes_by_age = first_position_since(c, now - ms(r.outcomes.max_age))?;
     Ok(Bounds {
-        succeeded_below: succeeded_by_count.max(succeeded_by_age),
+        succeeded_below: by_count_id.max(by_age_id),
+        succeeded_below_pos: by_count_pos.max(by_age_pos),
         outcomes_below: outcomes_by_count.max(outcomes_by_age),
     })
 }
@@ -143,6 +189,30 @@ pub(crate) fn step(
             .map_err(sql("pruning succeeded deliveries"))? as u64;
         state.succeeded_floor = end;
         more |= end < bounds.succeeded_below;
+    }
+    if state.succeeded_floor_pos < bounds.succeeded_below_pos {
+        let end = bounds
+            .succeeded_below_pos
+            .min(state.succeeded_floor_pos.saturating_add(SPAN));
+        let range = params![state.succeeded_floor_pos, end];
+        let done: Vec<i64> = tx
+            .prepare_cached(
+                "SELECT inline_done FROM commits
+                 WHERE position >= ?1 AND position < ?2 AND inline_done != 0",
+            )
+            .and_then(|mut s| s.query_map(range, |r| r.get(0))?.collect())
+            .map_err(sql("pruning succeeded deliveries"))?;
+        if !done.is_empty() {
+            tx.prepare_cached(
+                "UPDATE commits SET inline_done = 0
+                 WHERE position >= ?1 AND position < ?2 AND inline_done != 0",
+            )
+            .and_then(|mut s| s.execute(range))
+            .map_err(sql("pruning succeeded deliveries"))?;
+        }
+        report.succeeded += done.iter().map(|d| u64::from(d.count_ones())).sum::<u64>();
+        state.succeeded_floor_pos = end;
+        more |= end < bounds.succeeded_below_pos;
     }
     if state.outcome_floor < bounds.outcomes_below {
         let end = bounds

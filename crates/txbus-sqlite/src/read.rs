@@ -196,10 +196,29 @@ pub(crate) fn stats(c: &Connection) -> Result<Stats, Error> {
         )
         .map_err(sql("counting deliveries"))?;
     let n = |i: i64| u64::try_from(counts[usize::try_from(i).unwrap_or(0)]).unwrap_or(0);
+    // Deliveries kept on commit rows: leased while open, succeeded once done.
+    let (mut open, mut done) = (0u64, 0u64);
+    {
+        let mut stmt = c
+            .prepare_cached(
+                "SELECT inline_open, inline_done FROM commits
+                 WHERE inline_open != 0 OR inline_done != 0",
+            )
+            .map_err(sql("counting inline deliveries"))?;
+        let mut rows = stmt.query([]).map_err(sql("counting inline deliveries"))?;
+        while let Some(r) = rows.next().map_err(sql("counting inline deliveries"))? {
+            let (o, d): (i64, i64) = (
+                r.get(0).map_err(sql("counting inline deliveries"))?,
+                r.get(1).map_err(sql("counting inline deliveries"))?,
+            );
+            open += u64::from(o.count_ones());
+            done += u64::from(d.count_ones());
+        }
+    }
     let deliveries = DeliveryCounts {
         pending: n(status::PENDING),
-        leased: n(status::LEASED),
-        succeeded: n(status::SUCCEEDED),
+        leased: n(status::LEASED) + open,
+        succeeded: n(status::SUCCEEDED) + done,
         rejected: n(status::REJECTED),
         dead: n(status::DEAD),
     };

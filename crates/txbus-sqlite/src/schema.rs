@@ -118,6 +118,22 @@ CREATE TABLE commit_signatures (
     signature BLOB    NOT NULL
 );
 "#,
+    // Deliveries kept on their commit's row (see `inline`): the commit's deliveries take
+    // consecutive ids from `first_delivery`; those leased to the committing bus are listed in
+    // `inline`, open or succeeded by their bits, and get a row only when they need one. Commits
+    // written before keep their rows; their id ranges are filled in from them.
+    r#"
+ALTER TABLE commits ADD COLUMN first_delivery INTEGER;
+ALTER TABLE commits ADD COLUMN delivery_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE commits ADD COLUMN inline TEXT;
+ALTER TABLE commits ADD COLUMN inline_open INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE commits ADD COLUMN inline_done INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE commits ADD COLUMN inline_owner BLOB;
+CREATE INDEX commits_inline_open ON commits (position) WHERE inline_open != 0;
+UPDATE commits SET first_delivery = d.first, delivery_count = d.last - d.first + 1
+FROM (SELECT position, MIN(id) AS first, MAX(id) AS last FROM deliveries GROUP BY position) AS d
+WHERE commits.position = d.position;
+"#,
 ];
 
 /// The newest schema version this build knows.

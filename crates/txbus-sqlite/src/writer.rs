@@ -19,7 +19,8 @@ use crate::prune::{self, Bounds, Step};
 
 /// A write to perform.
 pub(crate) enum Op {
-    Append(NewCommit),
+    /// A commit and its data hash (worked out by the caller's task, not the writer).
+    Append(NewCommit, Hash),
     Complete(Vec<Completion>),
     Claim {
         owner: OwnerId,
@@ -64,14 +65,18 @@ pub(crate) struct State {
     pub(crate) chain: Hash,
     /// The next delivery id.
     pub(crate) next_delivery_id: i64,
-    /// Succeeded deliveries below this id are past retention (see `prune`).
+    /// Succeeded delivery rows below this id are past retention (see `prune`).
     pub(crate) succeeded_floor: i64,
+    /// Succeeded deliveries kept on commit rows below this position are past retention.
+    pub(crate) succeeded_floor_pos: i64,
     /// Outcomes of commits below this position are past retention.
     pub(crate) outcome_floor: i64,
 }
 
 pub(crate) struct Writer {
     conn: Connection,
+    /// Wakes the checkpointer as transactions commit.
+    nudge: crate::checkpoint::Nudge,
     signer: crate::commit_meta::SharedSigner,
     state: State,
     max_batch: usize,
@@ -86,6 +91,7 @@ impl Writer {
         conn: Connection,
         max_batch: usize,
         signer: crate::commit_meta::SharedSigner,
+        nudge: crate::checkpoint::Nudge,
     ) -> Result<Self, Error> {
         let head = conn
             .query_row(
@@ -104,10 +110,16 @@ impl Writer {
             }
             None => (0, chain::GENESIS),
         };
+        // Ids are taken by commits whether or not their deliveries have rows.
         let max_id: i64 = conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM deliveries", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT MAX(COALESCE((SELECT MAX(id) FROM deliveries), 0),
+                            COALESCE((SELECT first_delivery + delivery_count - 1 FROM commits
+                                      WHERE first_delivery IS NOT NULL
+                                      ORDER BY position DESC LIMIT 1), 0))",
+                [],
+                |r| r.get(0),
+            )
             .map_err(sql("reading the last delivery id"))?;
         // Retention floors start at the oldest row still there, so that pruning never walks
         // ranges that are long gone.
@@ -118,6 +130,15 @@ impl Writer {
                 |r| r.get(0),
             )
             .map_err(sql("reading the first delivery id"))?;
+        let succeeded_floor_pos: i64 = conn
+            .query_row(
+                "SELECT COALESCE(MIN(position), ?1) FROM commits WHERE inline_done != 0",
+                [i64::try_from(position)
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(1)],
+                |r| r.get(0),
+            )
+            .map_err(sql("reading the first succeeded inline delivery"))?;
         let outcome_floor: i64 = conn
             .query_row(
                 "SELECT COALESCE(MIN(position), ?1) FROM commits WHERE op_status IN (0, 1, 2)",
@@ -129,12 +150,14 @@ impl Writer {
             .map_err(sql("reading the first outcome"))?;
         Ok(Self {
             conn,
+            nudge,
             signer,
             state: State {
                 position,
                 chain,
                 next_delivery_id: max_id + 1,
                 succeeded_floor,
+                succeeded_floor_pos,
                 outcome_floor,
             },
             max_batch: max_batch.max(1),
@@ -204,7 +227,7 @@ impl Writer {
         let mut outs = Vec::with_capacity(batch.len());
         for req in batch {
             let out = match &req.op {
-                Op::Append(commit) => match append(&tx, &mut state, commit, now) {
+                Op::Append(commit, data) => match append(&tx, &mut state, commit, data, now) {
                     Ok(receipt) => Out::Append(receipt),
                     Err(e @ (Error::Conflict(_) | Error::Invalid(_))) => {
                         outs.push(Err(e));
@@ -247,6 +270,7 @@ impl Writer {
                     Out::Unit
                 }
                 Op::Release(owner) => {
+                    crate::inline::materialize_owner(&tx, Some(owner), now)?;
                     let n = tx
                         .prepare_cached(
                             "UPDATE deliveries SET status = 0, owner = NULL, updated_at = ?2
@@ -272,6 +296,7 @@ impl Writer {
         let appended = state.position != self.state.position;
         crate::commit_meta::sign_last(&tx, &self.signer, appended, state.position, &state.chain)?;
         tx.commit().map_err(sql("committing"))?;
+        self.nudge.committed();
         self.state = state;
         if abandoned_due {
             self.last_abandoned_scan = Some(Instant::now());

@@ -38,6 +38,7 @@ fn commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
         lease_to,
         streams: Vec::new(),
         kv: Vec::new(),
+        acks: Vec::new(),
     }
 }
 

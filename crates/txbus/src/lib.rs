@@ -38,6 +38,9 @@
 //! layer).
 //! `saga` brings the module `saga` (orchestrated sagas with compensation, choreography
 //! helpers, compensating transacts).
+//! `otlp` brings the module `otel`: an OpenTelemetry OTLP/HTTP exporter for txbus's spans and
+//! the propagator that gives them, and the `traceparent` headers of messages,
+//! OpenTelemetry's ids.
 
 pub use txbus_core::*;
 
@@ -72,3 +75,8 @@ pub use txbus_cqrs as cqrs;
 /// helpers and compensating transacts (feature `saga`).
 #[cfg(feature = "saga")]
 pub use txbus_saga as saga;
+
+/// OpenTelemetry: the OTLP/HTTP span exporter and the propagator that gives txbus's spans and
+/// message headers OpenTelemetry's trace and span ids (feature `otlp`).
+#[cfg(feature = "otlp")]
+pub use txbus_otel as otel;

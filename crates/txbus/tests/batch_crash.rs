@@ -1,38 +1,56 @@
 //! A batch import killed with SIGKILL mid-run, three times, then run to its end: every row is
 //! in the log exactly once — none duplicated by a redone chunk, none skipped — and the
-//! checkpoint agrees with the log.
+//! checkpoint agrees with the log. On SQLite, and on PostgreSQL with the feature `postgres`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
-/// The child program: this crate's `batch_import` example, built beside the tests.
+/// Whether the child at `path` runs, with every store this test needs.
+fn usable(path: &std::path::Path) -> bool {
+    let Ok(out) = Command::new(path).arg("stores").output() else {
+        return false;
+    };
+    let stores = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && (!cfg!(feature = "postgres") || stores.contains("postgres"))
+}
+
+/// The child program: this crate's `batch_import` example, built beside the tests (again, with
+/// the feature `postgres`, when the one there lacks a store the tests need).
 fn child_program() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test> -> target/<profile>/examples/batch_import
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let path = profile_dir
-        .join("examples")
-        .join(format!("batch_import{}", std::env::consts::EXE_SUFFIX));
-    if !path.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build
-            .args(["build", "-p", "txbus", "--example", "batch_import"])
-            .arg("--target-dir")
-            .arg(profile_dir.parent().unwrap());
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(
-            build.status().unwrap().success(),
-            "building the child failed"
-        );
-    }
-    assert!(path.exists(), "{} is missing", path.display());
-    path
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            // target/<profile>/deps/<test> -> target/<profile>/examples/batch_import
+            let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap();
+            let path = profile_dir
+                .join("examples")
+                .join(format!("batch_import{}", std::env::consts::EXE_SUFFIX));
+            if !usable(&path) {
+                let mut build = Command::new(env!("CARGO"));
+                build
+                    .args(["build", "-p", "txbus", "--example", "batch_import"])
+                    .arg("--target-dir")
+                    .arg(profile_dir.parent().unwrap());
+                if cfg!(feature = "postgres") {
+                    build.args(["--features", "postgres"]);
+                }
+                if profile_dir.ends_with("release") {
+                    build.arg("--release");
+                }
+                assert!(
+                    build.status().unwrap().success(),
+                    "building the child failed"
+                );
+            }
+            assert!(usable(&path), "{} does not run", path.display());
+            path
+        })
+        .clone()
 }
 
 fn lines(child: &mut Child) -> mpsc::Receiver<String> {
@@ -64,16 +82,20 @@ fn done_of(line: &str) -> Option<u64> {
         .ok()
 }
 
-#[test]
-fn a_batch_killed_mid_run_resumes_without_duplicates_or_gaps() {
-    let program = child_program();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("import.db");
-    let rows = 120_000u64;
+/// The child's command line for `mode` on `store` (a file, or a URL with `--schema`).
+fn child(mode: &str, store: &[String], rest: &[String]) -> Command {
+    let mut c = Command::new(child_program());
+    c.arg(mode).arg(&store[0]).args(rest).args(&store[1..]);
+    c
+}
+
+/// Three runs of `rows` rows in chunks of `chunk`, each killed with SIGKILL once it has
+/// committed two chunks of its own, then a run to the end and a check of the log.
+fn kill_resume_and_check(store: &[String], rows: u64, chunk: u64) {
+    let run_args = [rows.to_string(), chunk.to_string()];
     let mut resumed_from = Vec::new();
     for round in 0..3 {
-        let mut child = Command::new(&program)
-            .args(["run", db.to_str().unwrap(), &rows.to_string(), "500"])
+        let mut child = child("run", store, &run_args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the child");
@@ -92,7 +114,7 @@ fn a_batch_killed_mid_run_resumes_without_duplicates_or_gaps() {
                 !line.starts_with("finished"),
                 "round {round}: finished before the kill"
             );
-            if done_of(&line).is_some_and(|d| d >= start + 1000) {
+            if done_of(&line).is_some_and(|d| d >= start + 2 * chunk) {
                 break;
             }
         }
@@ -108,8 +130,7 @@ fn a_batch_killed_mid_run_resumes_without_duplicates_or_gaps() {
         "{resumed_from:?}"
     );
 
-    let mut last = Command::new(&program)
-        .args(["run", db.to_str().unwrap(), &rows.to_string(), "500"])
+    let mut last = child("run", store, &run_args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the last run");
@@ -123,8 +144,7 @@ fn a_batch_killed_mid_run_resumes_without_duplicates_or_gaps() {
     assert!(last.wait().unwrap().success());
     assert_eq!(finished, rows);
 
-    let mut check = Command::new(&program)
-        .args(["check", db.to_str().unwrap()])
+    let mut check = child("check", store, &[])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the check");
@@ -138,4 +158,56 @@ fn a_batch_killed_mid_run_resumes_without_duplicates_or_gaps() {
     assert_eq!(report["checkpoint_done"], rows, "{report}");
     assert_eq!(report["finished"], true, "{report}");
     assert_eq!(report["intact"], true, "{report}");
+}
+
+#[test]
+fn a_batch_killed_mid_run_resumes_without_duplicates_or_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("import.db");
+    kill_resume_and_check(&[db.to_str().unwrap().to_owned()], 120_000, 500);
+}
+
+/// A schema of its own on the test database, dropped when the test ends (failed or not).
+#[cfg(feature = "postgres")]
+struct PgSchema {
+    url: String,
+    name: String,
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use sqlx::Connection;
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&self.url).await {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name))
+                    .execute(&mut conn)
+                    .await;
+            }
+        });
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_batch_on_postgres_killed_mid_run_resumes_without_duplicates_or_gaps() {
+    let url = std::env::var("TXBUS_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = PgSchema {
+        name: format!("batch_crash_{}", uuid::Uuid::now_v7().simple()),
+        url,
+    };
+    kill_resume_and_check(
+        &[
+            schema.url.clone(),
+            "--schema".to_owned(),
+            schema.name.clone(),
+        ],
+        30_000,
+        250,
+    );
 }

@@ -9,6 +9,7 @@ use futures_util::FutureExt;
 use serde_json::json;
 
 use super::{builder, within, Harness};
+use crate::algebra;
 use crate::chain::{self, Broken, VerifyOptions};
 use crate::signing::{CommitSigner, KeyRing};
 use crate::store::{CommitKind, CommitRecord, LogMessage, Store};
@@ -256,6 +257,82 @@ pub async fn commits_read_back_with_their_checksums_and_key_writes(h: &dyn Harne
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// Commits read back from the log are commit values: two of them append (in log order: each
+/// stream expected where it was) and diff like commits being built, and a contradiction
+/// between them is named.
+pub async fn commits_read_from_the_log_append_and_diff(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store.clone())
+        .system_commits(false)
+        .build()
+        .await
+        .unwrap();
+    let first = Commit::new()
+        .stream(
+            "order-1",
+            ExpectedVersion::NoStream,
+            [Event::new("o.placed", json!({"n": 1}))],
+        )
+        .kv(KvWrite::put("cart/1", b"1".to_vec()));
+    bus.commit(first.clone()).await.unwrap();
+    bus.commit(
+        Commit::new()
+            .stream(
+                "order-1",
+                ExpectedVersion::Exact(1),
+                [
+                    Event::new("o.paid", json!({"n": 2})),
+                    Event::new("o.sent", json!({"n": 3})),
+                ],
+            )
+            .kv(KvWrite::put("cart/2", b"2".to_vec())),
+    )
+    .await
+    .unwrap();
+    bus.commit(
+        Commit::new()
+            .event(Event::new("o.note", json!({"n": 4})))
+            .kv(KvWrite::put("cart/1", b"changed".to_vec())),
+    )
+    .await
+    .unwrap();
+    let log = log_of(&store, 3).await;
+
+    // Records as values: append and diff.
+    let (a, b) = (log[0].to_commit(), log[1].to_commit());
+    let both = a.clone().append(b.clone()).unwrap();
+    assert_eq!(both.len(), 3);
+    let d = algebra::diff(&a, &b);
+    assert!(d.is_disjoint());
+    assert_eq!((d.only_left.len(), d.only_right.len()), (2, 3));
+    let itself = algebra::diff(&a, &log[0].to_commit());
+    assert_eq!(itself.same.len(), 2);
+    assert!(itself.only_left.is_empty() && itself.varied.is_empty());
+
+    // Read with the versions the streams were at: the commit as it was handed in.
+    let at1 = bus.commit_at(1).await.unwrap().unwrap();
+    let as_built = algebra::diff(&first, &at1);
+    assert_eq!(as_built.same.len(), 2, "{as_built:?}");
+    assert!(as_built.only_left.is_empty() && as_built.varied.is_empty());
+    let at2 = bus.commit_at(2).await.unwrap().unwrap();
+    assert_eq!(at1.clone().append(at2.clone()).unwrap().len(), 3);
+    assert!(matches!(
+        at2.append(at1.clone()),
+        Err(algebra::Contradiction::Stream { stream, .. }) if stream == "order-1"
+    ));
+    // The third commit writes cart/1 again with another value.
+    let at3 = bus.commit_at(3).await.unwrap().unwrap();
+    assert_eq!(
+        at1.append(at3).unwrap_err(),
+        algebra::Contradiction::Key {
+            key: "cart/1".into()
+        }
+    );
+    assert!(bus.commit_at(4).await.unwrap().is_none());
+    assert!(bus.commit_at(0).await.unwrap().is_none());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 /// `state_at` rebuilds the key–value space and stream heads as of any position, and
 /// `diff_versions` lists what changed between two.
 pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes(h: &dyn Harness) {
@@ -300,7 +377,7 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
     let v0 = bus.state_at(0).await.unwrap();
     assert_eq!(v0.kv_get("cart/a").await.unwrap(), None);
     assert_eq!(v0.stream_version("order-1").await.unwrap(), 0);
-    assert!(v0.streams(None, 10).await.unwrap().is_empty());
+    assert!(v0.streams(None, 10).await.unwrap().items.is_empty());
 
     let v1 = bus.state_at(1).await.unwrap();
     let a = v1.kv_get("cart/a").await.unwrap().unwrap();
@@ -315,6 +392,7 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
         .kv_scan("cart/", None, 10)
         .await
         .unwrap()
+        .items
         .into_iter()
         .map(|v| (v.key, v.value))
         .collect();
@@ -326,21 +404,21 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
         ]
     );
     // Paged: after "cart/a", one at a time.
-    let page = v2.kv_scan("cart/", Some("cart/a"), 1).await.unwrap();
+    let page = v2.kv_scan("cart/", Some("cart/a"), 1).await.unwrap().items;
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].key, "cart/b");
     assert_eq!(
-        v2.streams(None, 10).await.unwrap(),
+        v2.streams(None, 10).await.unwrap().items,
         vec![("order-1".to_owned(), 3), ("order-2".to_owned(), 1)]
     );
     assert_eq!(
-        v2.streams(Some("order-1"), 10).await.unwrap(),
+        v2.streams(Some("order-1"), 10).await.unwrap().items,
         vec![("order-2".to_owned(), 1)]
     );
 
     let v3 = bus.state_at(3).await.unwrap();
     assert_eq!(v3.kv_get("cart/a").await.unwrap(), None, "deleted at 3");
-    let scan = v3.kv_scan("", None, 10).await.unwrap();
+    let scan = v3.kv_scan("", None, 10).await.unwrap().items;
     let keys: Vec<&str> = scan.iter().map(|v| v.key.as_str()).collect();
     assert_eq!(keys, vec!["cart/b", "other/x"]);
     assert_eq!(v3.commits(1, 10).await.unwrap().len(), 2);
@@ -377,6 +455,120 @@ pub async fn state_at_rebuilds_past_versions_and_diff_versions_lists_the_changes
     assert!(d.truncated);
     assert_eq!((d.to, d.commits), (1, 1));
     assert!(bus.diff_versions(3, 1, 10).await.is_err());
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Scans of a past state are bounded: a call examines at most `max_examined` keys (or streams),
+/// present then or not, and hands back a cursor. Keys and streams written only after the
+/// position are skipped across pages, and the pages together hold exactly what was present.
+pub async fn past_scans_skip_absent_keys_and_streams_in_bounded_pages(h: &dyn Harness) {
+    let (_key, store) = h.create().await;
+    let bus = builder(store.clone())
+        .system_commits(false)
+        .build()
+        .await
+        .unwrap();
+    let ev = |n: usize| Event::new("o.e", json!({"n": n}));
+    // 1: the keys many/a and many/z, the streams s-a and s-z.
+    bus.commit(
+        Commit::new()
+            .stream("s-a", ExpectedVersion::NoStream, [ev(0)])
+            .stream("s-z", ExpectedVersion::NoStream, [ev(1)])
+            .kv(KvWrite::put("many/a", b"a".to_vec()))
+            .kv(KvWrite::put("many/z", b"z".to_vec())),
+    )
+    .await
+    .unwrap();
+    // 2: 200 keys and 200 streams between them, absent at position 1.
+    let absent = 200usize;
+    let mut c = Commit::new();
+    for i in 0..absent {
+        c = c
+            .stream(format!("s-m{i:03}"), ExpectedVersion::NoStream, [ev(i)])
+            .kv(KvWrite::put(format!("many/m{i:03}"), vec![1]));
+    }
+    bus.commit(c).await.unwrap();
+    head_at_least(&store, 2).await;
+
+    let bound = 25usize;
+    let examined_in_all = absent + 2;
+    let v1 = bus.state_at(1).await.unwrap().max_examined(bound);
+
+    let mut keys = Vec::new();
+    let mut after: Option<String> = None;
+    let (mut pages, mut empty_but_not_last) = (0usize, 0usize);
+    loop {
+        let page = v1.kv_scan("many/", after.as_deref(), 10).await.unwrap();
+        pages += 1;
+        assert!(pages <= examined_in_all, "the scan does not end");
+        if page.items.is_empty() && !page.is_last() {
+            empty_but_not_last += 1;
+        }
+        keys.extend(page.items.into_iter().map(|v| (v.key, v.value)));
+        match page.resume_after {
+            Some(next) => {
+                assert!(
+                    after.as_ref().is_none_or(|a| next > *a),
+                    "the cursor moves on"
+                );
+                after = Some(next);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        keys,
+        vec![
+            ("many/a".to_owned(), b"a".to_vec()),
+            ("many/z".to_owned(), b"z".to_vec())
+        ]
+    );
+    // Each call examined `bound` keys, the last one what was left.
+    assert_eq!(pages, examined_in_all.div_ceil(bound));
+    assert!(
+        empty_but_not_last > 0,
+        "pages of absent keys only come back empty"
+    );
+
+    let mut streams = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0usize;
+    loop {
+        let page = v1.streams(after.as_deref(), 10).await.unwrap();
+        pages += 1;
+        assert!(pages <= examined_in_all, "the scan does not end");
+        streams.extend(page.items);
+        match page.resume_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(streams, vec![("s-a".to_owned(), 1), ("s-z".to_owned(), 1)]);
+    assert_eq!(pages, examined_in_all.div_ceil(bound));
+
+    // With the default bound the same scans take one call each.
+    let whole = bus.state_at(1).await.unwrap();
+    let page = whole.kv_scan("many/", None, 10).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert!(page.is_last());
+    let page = whole.streams(None, 10).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    assert!(page.is_last());
+
+    // At position 2 every key is present: pages are cut by `limit`, and together hold them all.
+    let v2 = bus.state_at(2).await.unwrap().max_examined(bound);
+    let mut count = 0usize;
+    let mut after: Option<String> = None;
+    loop {
+        let page = v2.kv_scan("many/", after.as_deref(), 10).await.unwrap();
+        assert!(page.items.len() <= 10);
+        count += page.items.len();
+        match page.resume_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(count, examined_in_all);
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -743,6 +935,101 @@ pub async fn encrypted_fields_are_stored_sealed_and_handed_to_handlers_plain(h: 
     assert_eq!(
         bus.open_message(users[1]).unwrap().payload["email"],
         "c@example.com"
+    );
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A message whose encryption key is gone when it is delivered: its handler never runs on the
+/// sealed payload; the delivery is retried, then dead-lettered with the missing key named, and
+/// the operation fails naming it. Once the key is back, replaying the dead letter delivers the
+/// plaintext.
+pub async fn a_message_whose_key_is_gone_is_dead_lettered_naming_the_key(h: &dyn Harness) {
+    let (key, store) = h.create().await;
+    let with_key = FieldEncryption::new()
+        .key("pii-1", [5u8; 32])
+        .unwrap()
+        .encrypt_with("pii-1")
+        .field("user.created", "/email");
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let mailer = |calls: Arc<Mutex<Vec<serde_json::Value>>>| {
+        move |m: Message| {
+            let calls = calls.clone();
+            async move {
+                calls.lock().unwrap().push(m.payload()["email"].clone());
+                Ok(())
+            }
+        }
+    };
+    // Committed by a bus that holds the key, and not delivered before it stops.
+    let bus = builder(store.clone())
+        .field_encryption(with_key.clone())
+        .start_paused(true)
+        .handler("mailer", On::event("user.created"), mailer(calls.clone()))
+        .build()
+        .await
+        .unwrap();
+    let op = bus
+        .transact([Event::new(
+            "user.created",
+            json!({"id": 9, "email": "gone-key@example.com"}),
+        )])
+        .await
+        .unwrap();
+    let id = op.id();
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // The next bus has only a newer key.
+    let store = h.reopen(&key).await;
+    let without = FieldEncryption::new()
+        .key("pii-2", [6u8; 32])
+        .unwrap()
+        .encrypt_with("pii-2")
+        .field("user.created", "/email");
+    let bus = builder(store.clone())
+        .field_encryption(without)
+        .max_retries(1)
+        .handler("mailer", On::event("user.created"), mailer(calls.clone()))
+        .build()
+        .await
+        .unwrap();
+    let outcome = within(bus.wait(id)).await.unwrap();
+    let failure = outcome.error.expect("the operation fails");
+    assert_eq!(failure.handler, "mailer");
+    assert_eq!(failure.kind, crate::FailureKind::RetriesExhausted);
+    assert_eq!(failure.attempts, 2, "retried once, then dead");
+    assert!(
+        failure.reason.contains("\"pii-1\"") && failure.reason.contains("not configured"),
+        "{}",
+        failure.reason
+    );
+    assert!(calls.lock().unwrap().is_empty(), "the handler never ran");
+    let dead = bus.dead_letters(Default::default()).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].handler, "mailer");
+    assert!(dead[0].error.contains("\"pii-1\""), "{}", dead[0].error);
+    // What is stored stays sealed.
+    assert!(!dead[0].message.payload_json.contains("gone-key"));
+    let delivery = dead[0].delivery_id;
+    bus.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    // The key is back: the dead letter replays and the handler gets the plaintext.
+    let store = h.reopen(&key).await;
+    let bus = builder(store.clone())
+        .field_encryption(with_key)
+        .handler("mailer", On::event("user.created"), mailer(calls.clone()))
+        .build()
+        .await
+        .unwrap();
+    bus.replay(delivery).await.unwrap();
+    within(async {
+        while calls.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        calls.lock().unwrap().as_slice(),
+        &[json!("gone-key@example.com")]
     );
     bus.shutdown(Duration::from_secs(5)).await.unwrap();
 }

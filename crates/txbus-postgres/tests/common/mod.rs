@@ -143,6 +143,7 @@ pub fn commit(n: u64, lease_to: Option<uuid::Uuid>) -> NewCommit {
         lease_to,
         streams: Vec::new(),
         kv: Vec::new(),
+        acks: Vec::new(),
     }
 }
 
