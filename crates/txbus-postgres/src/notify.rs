@@ -33,6 +33,11 @@ use crate::schema::Schema;
 /// The payload of the work notification a sealing round sends.
 pub(crate) const SEALED: &str = "sealed";
 
+/// Announcements go out at most this often, each carrying all that was posted since the last:
+/// every notification costs the server and every listening process some work, taken from the
+/// writers on a small machine.
+const ANNOUNCE_GAP: Duration = Duration::from_millis(5);
+
 /// Finished operations' ids are sent this many bytes to a payload at most (the server takes
 /// 8000).
 const MAX_PAYLOAD: usize = 7000;
@@ -126,11 +131,16 @@ impl Announcer {
 /// buses' poll covers it.
 pub(crate) async fn announce(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut conn: Option<PgConnection> = None;
+    let mut last = tokio::time::Instant::now();
     loop {
         let stopping = tokio::select! {
-            () = shared.announcer.wake.notified() => false,
+            () = async {
+                shared.announcer.wake.notified().await;
+                tokio::time::sleep_until(last + ANNOUNCE_GAP).await;
+            } => false,
             () = stopped(&mut stop) => true,
         };
+        last = tokio::time::Instant::now();
         let what = shared.announcer.take();
         if !what.is_empty() {
             if let Err(e) = send(&shared, &mut conn, &what).await {
