@@ -8,7 +8,10 @@
 //! Scenarios: `transact`, `transact-latency`, `publish`, `raw-sqlite`, `raw-postgres`,
 //! `pending-memory`, `transact-metrics` (`transact` with the Prometheus exporter on and off,
 //! alternating in one run, and their ratio), `all`; over NATS JetStream: `relay-nats` and `raw-nats` (run together),
-//! `transact-remote`. `--store postgres://…` runs the bus scenarios on PostgreSQL.
+//! `transact-remote`. `--store postgres://…` runs the bus scenarios on PostgreSQL;
+//! `transact-callers --store postgres://…` runs `transact` at 1, 32 and 256 callers,
+//! `transact-latency` and `publish` beside the raw figures of the same server, with the
+//! PostgreSQL targets checked.
 //!
 //! Sagas (`txbus-saga`): `saga-start`, `saga-3-steps`, and `saga` for both.
 //!
@@ -68,7 +71,7 @@ pub struct Args {
 const USAGE: &str =
     "usage: txbus-bench <scenario> [--json] [--secs N] [--callers N] [--dir PATH] [--pending N]
 scenarios: transact, transact-latency, publish, raw-sqlite, pending-memory, transact-metrics, all,
-           relay-nats, raw-nats, transact-remote";
+           relay-nats, raw-nats, transact-remote, transact-callers (with --store postgres://…)";
 
 fn parse() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);

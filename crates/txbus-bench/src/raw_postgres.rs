@@ -115,3 +115,60 @@ pub async fn raw_postgres(args: &Args, url: &str) -> Result<Vec<Line>, BoxError>
     pool.close().await;
     Ok(vec![many, one, batch])
 }
+
+/// One-row commits into a schema of their own, kept open so that they can be measured in
+/// slices alternating with another scenario (see `scenarios::paired`).
+pub struct RawCommits {
+    pool: sqlx::PgPool,
+    schema: String,
+    insert: String,
+}
+
+impl RawCommits {
+    /// Creates the schema and a pool of [`CONNECTIONS`] connections.
+    pub async fn open(url: &str) -> Result<Self, BoxError> {
+        let schema = format!("raw_{:016x}", fastrand::u64(..));
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(CONNECTIONS as u32)
+            .connect(url)
+            .await?;
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+            .execute(&pool)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE \"{schema}\".messages (
+                 commit_id BIGSERIAL, idx INT NOT NULL DEFAULT 0, id UUID NOT NULL,
+                 event_type TEXT NOT NULL, module TEXT, payload TEXT NOT NULL, headers TEXT NOT NULL,
+                 PRIMARY KEY (commit_id, idx))"
+        ))
+        .execute(&pool)
+        .await?;
+        let insert = format!(
+            "INSERT INTO \"{schema}\".messages (id, event_type, module, payload, headers)
+             VALUES ($1::uuid, 'bench.event', NULL, $2, '{{}}')"
+        );
+        Ok(Self {
+            pool,
+            schema,
+            insert,
+        })
+    }
+
+    /// One-row commits from `connections` connections for `secs`: count, time, latencies.
+    pub async fn run(
+        &self,
+        connections: usize,
+        secs: Duration,
+    ) -> Result<(u64, Duration, Vec<u64>), BoxError> {
+        commits(&self.pool, &self.insert, connections, secs).await
+    }
+
+    /// Drops the schema.
+    pub async fn close(self) -> Result<(), BoxError> {
+        sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema))
+            .execute(&self.pool)
+            .await?;
+        self.pool.close().await;
+        Ok(())
+    }
+}

@@ -30,12 +30,30 @@ pub(crate) struct Claim<'a> {
     pub(crate) lease_ttl: Duration,
 }
 
-/// A leased row: id, fence, attempts, commit id, message index, handler.
-/// id, fence, attempts, commit id, message index, handler, interruptions.
+/// A leased row: id, fence, attempts, commit id, message index, handler, interruptions.
 type Leased = (i64, i64, i32, i64, i32, String, i32);
 
+/// Leases pending deliveries and reads their messages, in one statement: leases come with
+/// their messages or not at all. A message that is missing reads as NULL columns.
+const LEASE_PENDING: &str = "
+WITH picked AS (
+         SELECT id FROM {s}.deliveries
+         WHERE status = 0 AND next_at <= $2 AND handler = ANY($3)
+         ORDER BY next_at, id LIMIT $4
+         FOR UPDATE SKIP LOCKED),
+     leased AS (
+         UPDATE {s}.deliveries d SET status = 1, owner = $1, fence = d.fence + 1, updated_at = $2
+         FROM picked WHERE d.id = picked.id
+         RETURNING d.id, d.fence, d.attempts, d.commit_id, d.idx, d.handler, d.interruptions)
+SELECT l.id, l.fence, l.attempts, l.commit_id, l.idx, l.handler, l.interruptions,
+       m.id, m.event_type, m.module, m.payload, m.headers, c.op_id
+FROM leased l
+LEFT JOIN {s}.messages m ON m.commit_id = l.commit_id AND m.idx = l.idx
+LEFT JOIN {s}.commits c ON c.id = l.commit_id";
+
 /// Leases up to `limit` due deliveries. Leases of stopped buses are looked for at most every
-/// quarter of the ttl per store: that search reads every leased row.
+/// quarter of the ttl per store: that search reads every leased row. Without that search a
+/// claim is one statement, a transaction of its own.
 pub(crate) async fn claim(
     shared: &Shared,
     req: &Claim<'_>,
@@ -47,30 +65,32 @@ pub(crate) async fn claim(
     let schema = &shared.schema;
     let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
     let ttl = ms(req.lease_ttl);
-    let mut tx = shared.pool.begin().await.map_err(db("starting a claim"))?;
-    let mut leased: Vec<Leased> = sqlx::query_as(&schema.sql(
-        "WITH picked AS (
-             SELECT id FROM {s}.deliveries
-             WHERE status = 0 AND next_at <= $2 AND handler = ANY($3)
-             ORDER BY next_at, id LIMIT $4
-             FOR UPDATE SKIP LOCKED)
-         UPDATE {s}.deliveries d SET status = 1, owner = $1, fence = d.fence + 1, updated_at = $2
-         FROM picked WHERE d.id = picked.id
-         RETURNING d.id, d.fence, d.attempts, d.commit_id, d.idx, d.handler, d.interruptions",
-    ))
-    .bind(PgUuid(req.owner))
-    .bind(now)
-    .bind(req.handlers)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db("leasing pending deliveries"))?;
-
-    let room = limit - i64::try_from(leased.len()).unwrap_or(i64::MAX);
     let every = (ttl / 4).max(5);
     let last = shared.last_abandoned_scan.load(Ordering::Relaxed);
-    if room > 0 && now - last >= every {
+    let scan_due = now - last >= every;
+    if !scan_due {
+        let mut conn = shared.pool.acquire().await.map_err(db("claiming"))?;
+        let leased = lease_pending(&mut conn, schema, req, now, limit).await?;
+        drop(conn);
+        return finish(shared, leased, now).await;
+    }
+
+    let mut tx = shared.pool.begin().await.map_err(db("starting a claim"))?;
+    let mut leased = lease_pending(&mut tx, schema, req, now, limit).await?;
+    let room = limit - i64::try_from(leased.len()).unwrap_or(i64::MAX);
+    if room > 0 {
         shared.last_abandoned_scan.store(now, Ordering::Relaxed);
+        // Leases a stopped bus held on its commits' rows become rows first (see
+        // `crate::inline`), then are taken over like every other.
+        sqlx::query_scalar::<_, i64>(&schema.sql(crate::inline::ABANDONED))
+            .bind(PgUuid(req.owner))
+            .bind(now)
+            .bind(req.handlers)
+            .bind(room)
+            .bind(ttl)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db("materializing leases of stopped buses"))?;
         let taken: Vec<Leased> = sqlx::query_as(&schema.sql(
             "WITH alive AS (
                  SELECT owner FROM {s}.owners WHERE heartbeat_at >= $2 - $5),
@@ -98,14 +118,22 @@ pub(crate) async fn claim(
                 count = taken.len(),
                 "taking over leases of a bus that stopped"
             );
+            let messages = load_messages(&mut tx, schema, &taken).await?;
+            leased.extend(taken.into_iter().map(|l| {
+                let loaded = messages.get(&(l.3, l.4)).cloned().unwrap_or_else(|| {
+                    Err(format!("message {} of commit {} is missing", l.4, l.3))
+                });
+                (l, loaded)
+            }));
         }
-        leased.extend(taken);
         // Buses that stopped without releasing and hold nothing any more are forgotten.
         sqlx::query(&schema.sql(
             "DELETE FROM {s}.owners o
              WHERE o.heartbeat_at < $1 - $2 AND o.owner <> $3
                AND NOT EXISTS (SELECT 1 FROM {s}.deliveries d
-                               WHERE d.status = 1 AND d.owner = o.owner)",
+                               WHERE d.status = 1 AND d.owner = o.owner)
+               AND NOT EXISTS (SELECT 1 FROM {s}.commits c
+                               WHERE c.inline_open <> 0 AND c.inline_owner = o.owner)",
         ))
         .bind(now)
         .bind(ttl)
@@ -114,47 +142,87 @@ pub(crate) async fn claim(
         .await
         .map_err(db("forgetting stopped buses"))?;
     }
-    if leased.is_empty() {
-        tx.commit().await.map_err(db("committing a claim"))?;
-        return Ok(Vec::new());
-    }
+    tx.commit().await.map_err(db("committing a claim"))?;
+    finish(shared, leased, now).await
+}
 
-    let messages = load_messages(&mut tx, schema, &leased).await?;
+/// Leases pending deliveries with their messages (see [`LEASE_PENDING`]).
+async fn lease_pending(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    req: &Claim<'_>,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<(Leased, Loaded)>, Error> {
+    let rows: Vec<PgRow> = sqlx::query(&schema.sql(LEASE_PENDING))
+        .bind(PgUuid(req.owner))
+        .bind(now)
+        .bind(req.handlers)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("leasing pending deliveries"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let read = || -> Result<_, sqlx::Error> {
+            let leased: Leased = (
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+                r.try_get(6)?,
+            );
+            let present = r.try_get::<Option<PgUuid>, _>(7)?.is_some();
+            let message = if present {
+                Some((MessageRow::read(&r, 7)?, r.try_get::<PgUuid, _>(12)?))
+            } else {
+                None
+            };
+            Ok((leased, message))
+        };
+        let (leased, message) = read().map_err(db("reading a claimed delivery"))?;
+        let loaded = match message {
+            Some((message, op)) => message.parse().map(|m| (Arc::new(m), OperationId(op.0))),
+            None => Err(format!(
+                "message {} of commit {} is missing",
+                leased.4, leased.3
+            )),
+        };
+        out.push((leased, loaded));
+    }
+    Ok(out)
+}
+
+/// The claimed deliveries; those whose message cannot be read back are dead-lettered (and
+/// their operations failed) in a transaction of their own.
+async fn finish(
+    shared: &Shared,
+    leased: Vec<(Leased, Loaded)>,
+    now: i64,
+) -> Result<Vec<ClaimedDelivery>, Error> {
     let mut claimed = Vec::with_capacity(leased.len());
-    let mut unreadable: Vec<(i64, Failure)> = Vec::new();
-    for (id, fence, attempts, commit, idx, handler, interruptions) in leased {
-        match messages.get(&(commit, idx)) {
-            Some(Ok((message, operation_id))) => claimed.push(ClaimedDelivery {
+    let mut unreadable: Vec<(i64, i64, Failure)> = Vec::new();
+    for ((id, fence, attempts, commit, idx, handler, interruptions), loaded) in leased {
+        match loaded {
+            Ok((message, operation_id)) => claimed.push(ClaimedDelivery {
                 id,
                 fence,
                 attempts: small(attempts),
                 interruptions: small(interruptions),
                 commit_id: unsigned(commit),
-                operation_id: *operation_id,
+                operation_id,
                 message_index: small(idx),
                 handler,
-                message: Arc::clone(message),
+                message,
             }),
-            other => {
-                let reason = match other {
-                    Some(Err(reason)) => reason.clone(),
-                    _ => format!("message {idx} of commit {commit} is missing"),
-                };
+            Err(reason) => {
                 // A message that cannot be read back can never be handled: dead-letter it and
                 // fail its operation rather than leave it stuck.
                 tracing::error!(delivery = id, %reason, "dead-lettering an unreadable message");
-                sqlx::query(&schema.sql(
-                    "UPDATE {s}.deliveries SET status = 4, owner = NULL, last_error = $2,
-                         updated_at = $3
-                     WHERE id = $1",
-                ))
-                .bind(id)
-                .bind(&reason)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("dead-lettering an unreadable message"))?;
                 unreadable.push((
+                    id,
                     commit,
                     Failure {
                         event_index: small(idx),
@@ -169,26 +237,63 @@ pub(crate) async fn claim(
         }
     }
     if !unreadable.is_empty() {
-        let mut commits = Vec::new();
-        let mut errors = Vec::new();
-        for (commit, failure) in &unreadable {
-            if commits.contains(commit) {
-                continue;
-            }
-            commits.push(*commit);
-            errors.push(
-                serde_json::to_string(failure)
-                    .map_err(|e| Error::Corrupt(format!("a failure does not serialize: {e}")))?,
-            );
-        }
-        let done = fail_operations(&mut tx, schema, &commits, &errors, now).await?;
-        let ops: Vec<String> = done.iter().map(|(_, op)| op.to_string()).collect();
-        crate::notify::finished(&mut tx, schema, &ops).await?;
-        let handlers: Vec<&str> = unreadable.iter().map(|(_, f)| f.handler.as_str()).collect();
-        crate::inspect::died(&mut tx, schema, &handlers, now).await?;
+        dead_letter_unreadable(shared, &unreadable, now).await?;
     }
-    tx.commit().await.map_err(db("committing a claim"))?;
     Ok(claimed)
+}
+
+async fn dead_letter_unreadable(
+    shared: &Shared,
+    unreadable: &[(i64, i64, Failure)],
+    now: i64,
+) -> Result<(), Error> {
+    let schema = &shared.schema;
+    let mut tx = shared
+        .pool
+        .begin()
+        .await
+        .map_err(db("dead-lettering unreadable messages"))?;
+    let ids: Vec<i64> = unreadable.iter().map(|(id, _, _)| *id).collect();
+    let reasons: Vec<&str> = unreadable
+        .iter()
+        .map(|(_, _, f)| f.reason.as_str())
+        .collect();
+    sqlx::query(&schema.sql(
+        "UPDATE {s}.deliveries d SET status = 4, owner = NULL, last_error = v.reason,
+             updated_at = $3
+         FROM UNNEST($1::BIGINT[], $2::TEXT[]) AS v(id, reason)
+         WHERE d.id = v.id",
+    ))
+    .bind(&ids)
+    .bind(&reasons)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("dead-lettering an unreadable message"))?;
+    let mut commits = Vec::new();
+    let mut errors = Vec::new();
+    for (_, commit, failure) in unreadable {
+        if commits.contains(commit) {
+            continue;
+        }
+        commits.push(*commit);
+        errors.push(
+            serde_json::to_string(failure)
+                .map_err(|e| Error::Corrupt(format!("a failure does not serialize: {e}")))?,
+        );
+    }
+    let done = fail_operations(&mut tx, schema, &commits, &errors, now).await?;
+    let ops: Vec<String> = done.iter().map(|(_, op)| op.to_string()).collect();
+    crate::notify::finished(&mut tx, schema, &ops).await?;
+    let handlers: Vec<&str> = unreadable
+        .iter()
+        .map(|(_, _, f)| f.handler.as_str())
+        .collect();
+    crate::inspect::died(&mut tx, schema, &handlers, now).await?;
+    tx.commit()
+        .await
+        .map_err(db("dead-lettering unreadable messages"))?;
+    Ok(())
 }
 
 type Loaded = Result<(Arc<StoredMessage>, OperationId), String>;

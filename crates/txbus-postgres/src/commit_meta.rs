@@ -1,6 +1,7 @@
 //! What the log keeps with a commit besides its messages: its key–value writes (so that the
 //! data hash covers them and past states can be rebuilt) and, on the last commit of each
-//! sealing round when a signer is set, the signature of its chain hash.
+//! sealing round when a signer is set, the signature of its chain hash (written by the
+//! sealer, see [`crate::seal`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -92,30 +93,6 @@ pub(crate) async fn insert_kv(
     .execute(&mut *conn)
     .await
     .map_err(db("keeping commits' key writes"))?;
-    Ok(())
-}
-
-/// Signs the chain hash of the last commit a sealing round linked, in its transaction.
-pub(crate) async fn sign_round(
-    conn: &mut PgConnection,
-    schema: &Schema,
-    signer: Option<&CommitSigner>,
-    position: i64,
-    chain: &Hash,
-) -> Result<(), Error> {
-    let Some(signer) = signer else {
-        return Ok(());
-    };
-    let sig = signer.sign(u64::try_from(position).unwrap_or(0), chain);
-    sqlx::query(&schema.sql(
-        "INSERT INTO {s}.commit_signatures (position, key_id, signature) VALUES ($1, $2, $3)",
-    ))
-    .bind(position)
-    .bind(&sig.key_id)
-    .bind(&sig.signature[..])
-    .execute(&mut *conn)
-    .await
-    .map_err(db("storing a commit signature"))?;
     Ok(())
 }
 

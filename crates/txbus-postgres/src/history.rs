@@ -21,10 +21,10 @@ pub(crate) async fn kv_at(
     position: u64,
 ) -> Result<Option<KvVersion>, Error> {
     let row: Option<PastRow> = sqlx::query_as(&schema.sql(
-        "SELECT k.op, k.value, c.position, k.expires_at
-         FROM {s}.commit_kv k JOIN {s}.commits c ON c.id = k.commit_id
-         WHERE k.key = $1 AND c.position <= $2
-         ORDER BY c.position DESC LIMIT 1",
+        "SELECT k.op, k.value, s.position, k.expires_at
+         FROM {s}.commit_kv k JOIN {s}.commit_seals s ON s.commit_id = k.commit_id
+         WHERE k.key = $1 AND s.position <= $2
+         ORDER BY s.position DESC LIMIT 1",
     ))
     .bind(key)
     .bind(signed(position))
@@ -96,8 +96,8 @@ pub(crate) async fn stream_version_at(
 ) -> Result<u64, Error> {
     let head = crate::stream::version(pool, schema, stream).await?;
     let at = schema.sql(
-        "SELECT c.position FROM {s}.streams s JOIN {s}.commits c ON c.id = s.commit_id
-         WHERE s.stream = $1 AND s.version = $2",
+        "SELECT (SELECT p.position FROM {s}.commit_seals p WHERE p.commit_id = s.commit_id)
+         FROM {s}.streams s WHERE s.stream = $1 AND s.version = $2",
     );
     let p = signed(position);
     let (mut lo, mut hi) = (0i64, signed(head));

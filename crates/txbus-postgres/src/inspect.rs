@@ -2,14 +2,16 @@
 //! bounded, indexed reads behind [`txbus_core::inspect::Inspect`].
 //!
 //! Finished deliveries are counted, not looked for: each lane adds its batch's applied
-//! completions (and dead letters replayed, discarded or pruned) to `inspect_counters` and
-//! `inspect_minutes` in the batch's own transaction, one multi-row upsert each. Lanes of every
+//! completions (in the statement that records them, see [`crate::complete`]) and dead letters
+//! replayed, discarded or pruned to `inspect_counters` and `inspect_minutes` in the batch's
+//! own transaction, one multi-row upsert each. Lanes of every
 //! process write at once, so counter rows are sharded by the writing session
 //! (`pg_backend_pid() % SHARDS`): two lanes rarely touch one row, and when they do, rows are
 //! taken in handler order and last in the transaction, so they wait and never deadlock.
 //! Readers sum the shards. Open deliveries (pending, leased) are counted through the partial
-//! index `deliveries_open`, up to a cap; an operation's deliveries are found by
-//! `deliveries_commit`.
+//! index `deliveries_open`, up to a cap, and those leased on their commit's row (see
+//! [`crate::inline`]) through `commits_inline_open`; an operation's deliveries are found by
+//! `deliveries_commit` and on its commit row.
 
 use std::collections::BTreeMap;
 
@@ -67,7 +69,7 @@ CREATE INDEX deliveries_commit ON {s}.deliveries (commit_id);
 "#;
 
 /// Counter rows per handler (and per handler and minute) at most: the writing session's shard.
-const SHARDS: i32 = 64;
+pub(crate) const SHARDS: i32 = 64;
 
 /// A dead-letter action, run by a writer lane.
 #[derive(Debug, Clone)]
@@ -138,13 +140,9 @@ pub(crate) async fn record_batch(
 ) -> Result<(), Error> {
     let mut tally = Tally::new();
     for (req, out) in batch.iter().zip(outs) {
+        // Completions, and acknowledgements carried by commits, are counted by the statement
+        // that records them (see `crate::complete`).
         match (&req.op, out) {
-            (Op::Complete(completions), Some(Out::Complete(effects))) => {
-                tally.completions(completions, effects);
-            }
-            (Op::Append(commit, _), Some(Out::Append(receipt))) => {
-                tally.completions(&commit.acks, &receipt.acked);
-            }
             (Op::Inspect(_), Some(Out::Acted(acted))) => {
                 for (_, handler) in &acted.done {
                     tally.dead_removed(handler, 1);
@@ -158,8 +156,8 @@ pub(crate) async fn record_batch(
 }
 
 /// Writes a tally: one multi-row upsert of the counters and one of the minute buckets (rows in
-/// handler order), then removes buckets past [`txbus_core::inspect::MINUTES_KEPT`] that no
-/// other transaction holds.
+/// handler order). Buckets past [`txbus_core::inspect::MINUTES_KEPT`] are removed by
+/// retention (see [`forget_old_minutes`]).
 pub(crate) async fn write(
     conn: &mut PgConnection,
     schema: &Schema,
@@ -237,16 +235,28 @@ pub(crate) async fn write(
     .execute(&mut *conn)
     .await
     .map_err(db("updating the minute buckets"))?;
-    sqlx::query(&schema.sql(
+    Ok(())
+}
+
+/// Removes up to [`CHUNK`](crate::prune) minute buckets older than
+/// [`txbus_core::inspect::MINUTES_KEPT`] that no other transaction holds; returns how many.
+pub(crate) async fn forget_old_minutes(
+    conn: &mut PgConnection,
+    schema: &Schema,
+    now: i64,
+    limit: i64,
+) -> Result<u64, Error> {
+    let done = sqlx::query(&schema.sql(
         "DELETE FROM {s}.inspect_minutes WHERE (minute, handler, shard) IN (
              SELECT minute, handler, shard FROM {s}.inspect_minutes WHERE minute < $1
-             LIMIT 1000 FOR UPDATE SKIP LOCKED)",
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
     ))
     .bind(minutes_floor(now))
+    .bind(limit)
     .execute(&mut *conn)
     .await
     .map_err(db("removing old minute buckets"))?;
-    Ok(())
+    Ok(done.rows_affected())
 }
 
 /// Counts deliveries dead-lettered outside of a completion (when claimed, their message could
@@ -315,7 +325,22 @@ pub(crate) async fn handler_counts(
     .fetch_all(&mut *conn)
     .await
     .map_err(db("listing handlers with open deliveries"))?;
-    for handler in open {
+    // Leased deliveries kept on their commits' rows (see `crate::inline`), by handler: as many
+    // as the buses' buffers hold, found through the partial index of open ones.
+    let inline: Vec<(String, i64)> = sqlx::query_as(&schema.sql(
+        "SELECT c.inline_handler[k], count(*)::BIGINT
+         FROM {s}.commits c, generate_subscripts(c.inline_handler, 1) AS k
+         WHERE c.inline_open <> 0 AND c.inline_open & (1::BIGINT << (k - 1)::INT) <> 0
+         GROUP BY 1 ORDER BY 1 LIMIT $1",
+    ))
+    .bind(MAX_HANDLERS)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db("counting leased inline deliveries"))?;
+    for handler in open
+        .into_iter()
+        .chain(inline.iter().map(|(h, _)| h.clone()))
+    {
         by_name
             .entry(handler.clone())
             .or_insert_with(|| HandlerCounts {
@@ -340,7 +365,9 @@ pub(crate) async fn handler_counts(
     .fetch_all(&mut *conn)
     .await
     .map_err(db("counting open deliveries"))?;
+    let inline: std::collections::HashMap<String, i64> = inline.into_iter().collect();
     for (handler, pending, leased, oldest) in counts {
+        let leased = (leased + inline.get(&handler).copied().unwrap_or(0)).min(cap);
         if let Some(h) = by_name.get_mut(&handler) {
             h.pending = unsigned(pending);
             h.leased = unsigned(leased);
@@ -428,7 +455,8 @@ async fn first_id_at(conn: &mut PgConnection, schema: &Schema, at_ms: i64) -> Re
     Ok(lo)
 }
 
-const SUMMARY_COLUMNS: &str = "c.id, c.position, c.op_id, c.kind, c.created_at, c.message_count,
+const SUMMARY_COLUMNS: &str = "c.id,
+     (SELECT s.position FROM {s}.commit_seals s WHERE s.commit_id = c.id), c.op_id, c.kind, c.created_at, c.message_count,
      c.op_status, c.op_remaining, c.op_error, c.op_finished_at,
      (SELECT m.event_type FROM {s}.messages m WHERE m.commit_id = c.id AND m.idx = 0)";
 
@@ -559,7 +587,9 @@ pub(crate) async fn operation_detail(
 ) -> Result<Option<OperationDetail>, Error> {
     let mut conn = pool.acquire().await.map_err(db("reading an operation"))?;
     let row: Option<PgRow> = sqlx::query(&schema.sql(&format!(
-        "SELECT {SUMMARY_COLUMNS}, c.data_hash, c.chain_hash FROM {{s}}.commits c WHERE c.op_id = $1"
+        "SELECT {SUMMARY_COLUMNS}, c.data_hash,
+             (SELECT s.chain_hash FROM {{s}}.commit_seals s WHERE s.commit_id = c.id)
+         FROM {{s}}.commits c WHERE c.op_id = $1"
     )))
     .bind(PgUuid(id.0))
     .fetch_optional(&mut *conn)
@@ -594,7 +624,16 @@ pub(crate) async fn operation_detail(
     }
     let deliveries: Vec<DeliveryRow> = sqlx::query_as(&schema.sql(
         "SELECT id, idx, handler, status, attempts, interruptions, last_error, next_at, updated_at
-         FROM {s}.deliveries WHERE commit_id = $1 ORDER BY id LIMIT $2",
+         FROM {s}.deliveries WHERE commit_id = $1
+         UNION ALL
+         SELECT c.first_delivery_id + k - 1, c.inline_idx[k], c.inline_handler[k],
+                CASE WHEN c.inline_open & b.bit <> 0 THEN 1 ELSE 2 END::SMALLINT,
+                CASE WHEN c.inline_open & b.bit <> 0 THEN 0 ELSE 1 END, 0, NULL, c.created_at,
+                CASE WHEN c.inline_open & b.bit <> 0 THEN c.created_at ELSE c.inline_done_at END
+         FROM {s}.commits c, generate_subscripts(c.inline_idx, 1) AS k,
+              LATERAL (SELECT 1::BIGINT << (k - 1)::INT AS bit) AS b
+         WHERE c.id = $1 AND (c.inline_open | c.inline_done) & b.bit <> 0
+         ORDER BY 1 LIMIT $2",
     ))
     .bind(commit)
     .bind(MAX_TREE_DELIVERIES)

@@ -7,14 +7,22 @@
 //!
 //! - Writes go through a few writer lanes that commit every waiting request in one
 //!   transaction (group commit), with multi-row statements: one for all the commits of a
-//!   batch (rows, messages, deliveries), a few for all its acknowledgements.
+//!   batch (rows, messages, deliveries), one for all its acknowledgements. A batch that is
+//!   one statement is a transaction of its own. The lanes plan each statement once per
+//!   connection: every one reaches rows through keys, so its plan cannot go wrong.
+//! - A delivery leased to the committing bus that succeeds on its first attempt costs no row
+//!   of its own: it is kept on its commit's row, and gets a row only when it needs one (a
+//!   retry, a failure, a release, a takeover).
 //! - Commits are appended unsealed; one sealer in the database (whichever process holds the
-//!   schema's advisory lock) gives them log positions and chain hashes shortly after, so that
-//!   writers never wait for one another on the chain. [`AppendReceipt::chain_hash`] is
-//!   therefore `None`, and [`Store::read_log`] returns sealed commits only.
+//!   schema's advisory lock) gives them log positions and chain hashes shortly after, in a
+//!   table of their own, so that writers never wait for one another on the chain, nor acks
+//!   for the sealer. [`AppendReceipt::chain_hash`] is therefore `None`, and
+//!   [`Store::read_log`] returns sealed commits only.
 //! - Claims lease with `FOR UPDATE SKIP LOCKED`, so buses in many processes claim at once.
-//! - `LISTEN/NOTIFY` tells every bus about new work, finished operations and handlers
-//!   subscribed in other processes right away ([`Store::notifications`]).
+//! - `LISTEN/NOTIFY` tells every bus about new work, sealed commits, finished operations and
+//!   handlers subscribed in other processes right away ([`Store::notifications`]); the
+//!   notifications of the writer lanes are sent once their transactions have committed, so
+//!   that they never hold up the others' commits.
 //! - Handler subscriptions are kept in the database, so a commit made in one process creates
 //!   deliveries for the handlers of every process ([`Store::is_shared`]).
 //! - Streams and the key–value space: a commit's stream expectations and key conditions are
@@ -27,8 +35,8 @@
 //!   back together.
 //!
 //! Connections: the pool (see [`PostgresOptions::max_connections`]; the notification listener
-//! holds one of its connections), plus one connection of its own per writer lane and one for
-//! the sealer.
+//! holds one of its connections), plus one connection of its own per writer lane, one for the
+//! sealer and one that sends the notifications of committed writes.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -53,11 +61,14 @@ mod condition;
 mod context;
 mod error;
 mod history;
+mod inline;
 mod inspect;
 mod kv;
 mod notify;
 mod outbox;
 mod pg_uuid;
+#[cfg(test)]
+mod plan_tests;
 mod prune;
 mod read;
 mod row;
@@ -285,6 +296,8 @@ impl PostgresStore {
             stall_timeout: options.stall_timeout,
             last_abandoned_scan: AtomicI64::new(0),
             signer: commit_meta::SharedSigner::default(),
+            seal_active: AtomicBool::new(false),
+            announcer: notify::Announcer::default(),
         });
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let lanes = writer::spawn(&shared, rx, options.writer_lanes, options.max_batch);
@@ -292,7 +305,12 @@ impl PostgresStore {
         let (events, _) = broadcast::channel(NOTIFICATION_BUFFER);
         let tasks = vec![
             tokio::spawn(seal::run(Arc::clone(&shared), stopped.clone())),
-            tokio::spawn(notify::listen(Arc::clone(&shared), events.clone(), stopped)),
+            tokio::spawn(notify::listen(
+                Arc::clone(&shared),
+                events.clone(),
+                stopped.clone(),
+            )),
+            tokio::spawn(notify::announce(Arc::clone(&shared), stopped)),
         ];
         tracing::debug!(schema = shared.schema.name(), "postgres store open");
         Ok(Self {

@@ -77,7 +77,7 @@ impl PostgresStore {
     ///
     /// [`Error::Invalid`] when `conn` is not inside a transaction started through sqlx (to
     /// commit on its own, use [`Store::append`](txbus_core::store::Store::append)) or the
-    /// commit is unusable; [`Error::Conflict`] as above; [`Error::Closed`] when the store is
+    /// commit is unusable (it acknowledges deliveries, say); [`Error::Conflict`] as above; [`Error::Closed`] when the store is
     /// closed; [`Error::Backend`] when the database fails.
     pub async fn append_in(
         &self,
@@ -93,6 +93,13 @@ impl PostgresStore {
             ));
         }
         condition::check_commit(&commit)?;
+        if !commit.acks.is_empty() {
+            return Err(Error::Invalid(
+                "a commit written in the caller's own transaction cannot acknowledge a delivery: \
+                 commit it through the bus (Store::append) instead"
+                    .into(),
+            ));
+        }
         commit.lease_to = None;
         for d in &mut commit.deliveries {
             d.leased = false;
@@ -138,14 +145,19 @@ async fn write_one(
     commit: &NewCommit,
     hash: &txbus_core::chain::Hash,
 ) -> Result<AppendReceipt, Error> {
-    let results = append::write(conn, schema, &[Write::Commit(commit, hash)], now_ms()).await?;
+    // No sealer of this process learns of the commit otherwise: announce it to all of them.
+    // In the caller's transaction, so that they go out when it commits.
+    let results = append::write(
+        conn,
+        schema,
+        &[Write::Commit(commit, hash)],
+        now_ms(),
+        true,
+        None,
+    )
+    .await?;
     match results.into_iter().next() {
-        Some(Ok(Written::Commit(receipt))) => {
-            if let Some(outcome) = &receipt.finished {
-                crate::notify::finished(conn, schema, &[outcome.operation_id.to_string()]).await?;
-            }
-            Ok(receipt)
-        }
+        Some(Ok(Written::Commit(receipt))) => Ok(receipt),
         Some(Err(conflict)) => Err(Error::Conflict(conflict)),
         _ => Err(Error::Corrupt(
             "the append answered something other than its commit".into(),

@@ -36,6 +36,8 @@ pub(crate) struct Bounds {
     outcomes_before: i64,
     /// Keys that expired before this are removed.
     keys_expired_by: i64,
+    /// When the pass started.
+    now: i64,
 }
 
 /// One step's result.
@@ -64,14 +66,27 @@ pub(crate) async fn bounds(
         .acquire()
         .await
         .map_err(db("computing retention bounds"))?;
-    let succeeded_upto: Option<i64> =
-        sqlx::query_scalar(&schema.sql(
-            "SELECT id FROM {s}.deliveries WHERE status = 2 ORDER BY id DESC OFFSET $1 LIMIT 1",
-        ))
-        .bind(keep(r.succeeded.max_count))
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db("computing the succeeded bound"))?;
+    // Succeeded deliveries are rows and bits of commit rows (see `crate::inline`); the newest
+    // `max_count` of both together are kept. Each side needs at most as many as it may keep
+    // plus one: a commit row holds at least one succeeded delivery, and the ids of one commit
+    // never interleave with another's.
+    let succeeded_upto: Option<i64> = sqlx::query_scalar(&schema.sql(
+        "SELECT id FROM (
+             (SELECT id FROM {s}.deliveries WHERE status = 2 ORDER BY id DESC LIMIT $2)
+             UNION ALL
+             (SELECT c.first_delivery_id + k
+              FROM (SELECT first_delivery_id, inline_done FROM {s}.commits
+                    WHERE inline_done <> 0
+                    ORDER BY first_delivery_id DESC LIMIT $2) AS c,
+                   generate_series(0, 62) AS k
+              WHERE c.inline_done & (1::BIGINT << k) <> 0)) AS succeeded
+         ORDER BY id DESC OFFSET $1 LIMIT 1",
+    ))
+    .bind(keep(r.succeeded.max_count))
+    .bind(keep(r.succeeded.max_count).saturating_add(1))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("computing the succeeded bound"))?;
     let failed_upto: Option<(i64, i64)> = sqlx::query_as(&schema.sql(
         "SELECT updated_at, id FROM {s}.deliveries WHERE status >= 3
          ORDER BY updated_at DESC, id DESC OFFSET $1 LIMIT 1",
@@ -95,6 +110,7 @@ pub(crate) async fn bounds(
         outcomes_upto,
         outcomes_before: now.saturating_sub(ms(r.outcomes.max_age)),
         keys_expired_by: now,
+        now,
     })
 }
 
@@ -120,7 +136,17 @@ pub(crate) async fn step(
     b: &Bounds,
 ) -> Result<Step, Error> {
     let mut removed = [0u64; 7];
+    let (mut inline_removed, mut inline_more) = (0u64, false);
     if let Some(upto) = b.succeeded_upto {
+        let (cleared, full) = inline_chunk(
+            conn,
+            &schema.sql(INLINE_UPTO),
+            upto,
+            "pruning succeeded inline deliveries by count",
+        )
+        .await?;
+        inline_removed += cleared;
+        inline_more |= full;
         removed[0] = chunk(
             conn,
             &schema.sql(
@@ -133,6 +159,15 @@ pub(crate) async fn step(
         )
         .await?;
     }
+    let (cleared, full) = inline_chunk(
+        conn,
+        &schema.sql(INLINE_BEFORE),
+        b.succeeded_before,
+        "pruning succeeded inline deliveries by age",
+    )
+    .await?;
+    inline_removed += cleared;
+    inline_more |= full;
     removed[1] = chunk(
         conn,
         &schema.sql(
@@ -202,17 +237,68 @@ pub(crate) async fn step(
         "pruning expired keys",
     )
     .await?;
+    // Inspection's minute buckets past the window it shows go too.
+    let minutes = crate::inspect::forget_old_minutes(conn, schema, b.now, CHUNK).await?;
     let full = u64::try_from(CHUNK).unwrap_or(u64::MAX);
     Ok(Step {
         report: PruneReport {
-            succeeded: removed[0] + removed[1],
+            succeeded: removed[0] + removed[1] + inline_removed,
             failed: removed[2] + removed[3],
             outcomes: removed[4] + removed[5],
             expired_keys: removed[6],
         },
         tally,
-        more: removed.iter().any(|&n| n >= full),
+        more: removed.iter().any(|&n| n >= full) || minutes >= full || inline_more,
     })
+}
+
+/// Clears the succeeded inline deliveries with ids up to `$1` from at most `$2` commit rows
+/// (bits of other deliveries of a commit stay); returns how many it cleared, per row.
+const INLINE_UPTO: &str = "
+WITH lk AS (
+         SELECT id, inline_done,
+                CASE WHEN $1 - first_delivery_id >= 62 THEN 0::BIGINT
+                     ELSE inline_done & ~((1::BIGINT << ($1 - first_delivery_id + 1)::INT) - 1)
+                END AS kept
+         FROM {s}.commits
+         WHERE inline_done <> 0 AND first_delivery_id <= $1
+         ORDER BY first_delivery_id LIMIT $2 FOR UPDATE SKIP LOCKED),
+     u AS (
+         UPDATE {s}.commits c SET inline_done = lk.kept FROM lk WHERE c.id = lk.id)
+SELECT (bit_count(lk.inline_done::BIT(64)) - bit_count(lk.kept::BIT(64)))::BIGINT FROM lk";
+
+/// Clears every succeeded inline delivery of at most `$2` commit rows whose last one finished
+/// before `$1` (they age together: a commit's bits stay until its last succeeded delivery is
+/// old enough); returns how many it cleared, per row.
+const INLINE_BEFORE: &str = "
+WITH lk AS (
+         SELECT id, inline_done FROM {s}.commits
+         WHERE inline_done <> 0 AND inline_done_at < $1
+         LIMIT $2 FOR UPDATE SKIP LOCKED),
+     u AS (
+         UPDATE {s}.commits c SET inline_done = 0 FROM lk WHERE c.id = lk.id)
+SELECT bit_count(lk.inline_done::BIT(64))::BIGINT FROM lk";
+
+/// Runs one of [`INLINE_UPTO`] and [`INLINE_BEFORE`]; returns how many deliveries it cleared,
+/// and whether it met a full chunk of rows (the pass then goes on).
+async fn inline_chunk(
+    conn: &mut PgConnection,
+    sql: &str,
+    bound: i64,
+    doing: &'static str,
+) -> Result<(u64, bool), Error> {
+    let cleared: Vec<i64> = sqlx::query_scalar(sql)
+        .bind(bound)
+        .bind(CHUNK)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db(doing))?;
+    let full = i64::try_from(cleared.len()).unwrap_or(i64::MAX) >= CHUNK;
+    let total = cleared
+        .iter()
+        .map(|&n| u64::try_from(n).unwrap_or(0))
+        .sum::<u64>();
+    Ok((total, full))
 }
 
 type FailedRows<'q> =

@@ -93,7 +93,7 @@ pub(crate) fn hash(v: Vec<u8>, position: i64) -> Result<Hash, Error> {
 }
 
 /// A sealed commit row: id, position, op_id, kind, created_at, data_hash, chain_hash.
-type CommitRow = (i64, i64, PgUuid, i16, i64, Vec<u8>, Option<Vec<u8>>);
+type CommitRow = (i64, i64, PgUuid, i16, i64, Vec<u8>, Vec<u8>);
 
 pub(crate) async fn log(
     pool: &PgPool,
@@ -104,8 +104,9 @@ pub(crate) async fn log(
     let limit = i64::try_from(limit.clamp(1, 10_000)).unwrap_or(1);
     let mut conn = pool.acquire().await.map_err(db("reading the log"))?;
     let rows: Vec<CommitRow> = sqlx::query_as(&schema.sql(
-        "SELECT id, position, op_id, kind, created_at, data_hash, chain_hash FROM {s}.commits
-         WHERE position > $1 ORDER BY position LIMIT $2",
+        "SELECT c.id, s.position, c.op_id, c.kind, c.created_at, c.data_hash, s.chain_hash
+         FROM {s}.commit_seals s JOIN {s}.commits c ON c.id = s.commit_id
+         WHERE s.position > $1 ORDER BY s.position LIMIT $2",
     ))
     .bind(signed(after))
     .bind(limit)
@@ -136,9 +137,6 @@ pub(crate) async fn log(
     let mut records = rows
         .into_iter()
         .map(|(id, position, op, k, created_at, data, chain)| {
-            let chain = chain.ok_or_else(|| {
-                Error::Corrupt(format!("commit {position}: sealed without a chain hash"))
-            })?;
             Ok(CommitRecord {
                 position: unsigned(position),
                 operation_id: OperationId(op.0),
@@ -176,14 +174,19 @@ pub(crate) async fn stats(pool: &PgPool, schema: &Schema) -> Result<Stats, Error
     .fetch_one(pool)
     .await
     .map_err(db("counting"))?;
+    // Deliveries kept on their commit's row: open ones are leased, done ones succeeded.
+    let (inline_open, inline_done): (i64, i64) = sqlx::query_as(&schema.sql(crate::inline::COUNTS))
+        .fetch_one(pool)
+        .await
+        .map_err(db("counting inline deliveries"))?;
     Ok(Stats {
         commits: unsigned(c.0),
         messages: unsigned(c.1),
         pending_operations: unsigned(c.2),
         deliveries: DeliveryCounts {
             pending: unsigned(c.3),
-            leased: unsigned(c.4),
-            succeeded: unsigned(c.5),
+            leased: unsigned(c.4) + unsigned(inline_open),
+            succeeded: unsigned(c.5) + unsigned(inline_done),
             rejected: unsigned(c.6),
             dead: unsigned(c.7),
         },

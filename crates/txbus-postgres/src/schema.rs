@@ -250,6 +250,8 @@ CREATE TABLE {s}.commit_signatures (
     signature BYTEA  NOT NULL
 );
 "#,
+    crate::seal::MIGRATION,
+    crate::inline::MIGRATION,
 ];
 
 /// The newest schema version this build knows.

@@ -2,14 +2,21 @@
 //! every request waiting (up to a batch), commits them all in one transaction on its own
 //! connection, and answers each once the transaction is committed.
 //!
-//! Several lanes keep the database busy while one waits for its commit to be flushed. A write
-//! whose condition (a stream's expected version, a key's) does not hold is answered with its
-//! conflict and the rest of the batch commits. If a batch fails because of one request, each is
-//! run again alone so only that one fails. If the
-//! connection was lost before COMMIT was sent, nothing was written and the batch runs again on
-//! a new connection; if it was lost during COMMIT, the result is unknown and the callers are
-//! told so.
+//! A batch takes as few statements as it can: all its appends in one, all its
+//! acknowledgements in one. A batch of a single statement (appends only, acknowledgements
+//! only, heartbeats only: what one caller at a time sends) is a transaction of its own, one
+//! round trip, without BEGIN and COMMIT.
+//!
+//! Several lanes keep the database busy while one waits for its commit to be flushed (the
+//! server flushes the commits of concurrent lanes together). A write whose condition (a
+//! stream's expected version, a key's) does not hold is answered with its conflict and the rest
+//! of the batch commits. If a batch fails because of one request, each is run again alone so
+//! only that one fails. If the connection was lost before COMMIT was sent, nothing was written
+//! and the batch runs again on a new connection; if it was lost during COMMIT (or during a
+//! batch's one statement), the result is unknown and the callers are told so, unless the
+//! batch certainly wrote nothing (its appends' operations are not in the store).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +34,7 @@ use crate::clock::now_ms;
 use crate::complete::complete_all;
 use crate::context::Shared;
 use crate::error::{db, is_conflict, is_connection_lost, is_stream_taken, shared};
+use crate::notify::Announcements;
 use crate::pg_uuid::PgUuid;
 use crate::prune::{self, Bounds, Step};
 
@@ -194,10 +202,11 @@ async fn attempt(
     let mut reconnects = 0;
     loop {
         let failed = match transaction(shared, conn, batch).await {
-            Ok(outs) => {
+            Ok((outs, announce)) => {
                 if batch.iter().any(|r| matches!(r.op, Op::Append(..))) {
                     shared.seal_wake.notify_one();
                 }
+                shared.announcer.post(announce);
                 return Ok(outs);
             }
             Err(failed) => failed,
@@ -205,7 +214,8 @@ async fn attempt(
         if is_connection_lost(&failed.error) {
             // A connection that failed once is not trusted again.
             *conn = None;
-            if !failed.unknown && reconnects < RECONNECTS {
+            let again = !failed.unknown || nothing_written(shared, batch).await;
+            if again && reconnects < RECONNECTS {
                 reconnects += 1;
                 tracing::info!(error = %failed.error, "a writer lane lost its connection; running the batch again on a new one");
                 continue;
@@ -223,6 +233,41 @@ async fn attempt(
     }
 }
 
+/// After a batch of one statement lost its connection (a session that ended while the lane
+/// was idle, most often): true when it certainly wrote nothing, or running it again changes
+/// nothing more, so that it may run again on a new connection. Appends are looked up by
+/// operation id; heartbeats are the same written twice; anything else stays unknown.
+async fn nothing_written(shared: &Shared, batch: &[Request]) -> bool {
+    if !one_statement(batch) {
+        return false;
+    }
+    if batch.iter().all(|r| matches!(r.op, Op::Heartbeat(_))) {
+        return true;
+    }
+    let mut ops = Vec::with_capacity(batch.len());
+    for r in batch {
+        match &r.op {
+            Op::Append(c, _) => ops.push(PgUuid(c.operation_id.0)),
+            _ => return false,
+        }
+    }
+    let found: Result<bool, sqlx::Error> = sqlx::query_scalar(
+        &shared
+            .schema
+            .sql("SELECT EXISTS (SELECT 1 FROM {s}.commits WHERE op_id = ANY ($1::UUID[]))"),
+    )
+    .bind(&ops)
+    .fetch_one(&shared.pool)
+    .await;
+    match found {
+        Ok(found) => !found,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot tell whether a cut-off batch was written");
+            false
+        }
+    }
+}
+
 /// A short, growing, jittered pause so that transactions that deadlocked do not meet again.
 fn conflict_pause_ms(round: u32) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -232,17 +277,51 @@ fn conflict_pause_ms(round: u32) -> u64 {
     u64::from(round) * 5 + u64::from(nanos % 10)
 }
 
+/// True when the batch is one statement, which is then a transaction of its own (one round
+/// trip, instead of two more for BEGIN and COMMIT): appends without conditions or
+/// acknowledgements, or completions of distinct deliveries, or heartbeats.
+fn one_statement(batch: &[Request]) -> bool {
+    let unconditional =
+        |c: &NewCommit| c.streams.is_empty() && c.kv.is_empty() && c.acks.is_empty();
+    if batch
+        .iter()
+        .all(|r| matches!(&r.op, Op::Append(c, _) if unconditional(c)))
+        || batch.iter().all(|r| matches!(r.op, Op::Heartbeat(_)))
+    {
+        return true;
+    }
+    let mut lists = Vec::with_capacity(batch.len());
+    for r in batch {
+        match &r.op {
+            Op::Complete(c) => lists.push(c.as_slice()),
+            _ => return false,
+        }
+    }
+    crate::complete::rounds_needed(&lists) <= 1
+}
+
+/// Runs the batch in one transaction; returns its results and what it has to announce.
 async fn transaction(
     shared: &Shared,
     conn: &mut Option<PgConnection>,
     batch: &[Request],
-) -> Result<Vec<Out>, Failed> {
+) -> Result<(Vec<Out>, Announcements), Failed> {
     if conn.is_none() {
         *conn = Some(shared.dedicated().await.map_err(Failed::before_commit)?);
     }
     let Some(c) = conn.as_mut() else {
         return Err(Failed::before_commit(Error::Closed));
     };
+    if one_statement(batch) {
+        // A transaction of its own: once sent, it may have committed even if the answer is
+        // lost, so a lost connection leaves the result unknown.
+        return apply(c, shared, batch, now_ms())
+            .await
+            .map_err(|error| Failed {
+                unknown: is_connection_lost(&error),
+                error,
+            });
+    }
     let mut tx = c
         .begin()
         .await
@@ -268,25 +347,33 @@ async fn transaction(
     }
 }
 
-/// Applies the batch in the open transaction: appends (which announce their work themselves),
-/// then completions, heartbeats, releases, replays and pruning, then the notifications of what
-/// they did.
+/// Applies the batch in the open transaction: appends, then completions, heartbeats,
+/// releases, replays and pruning; returns their results and what they have to announce once
+/// the transaction commits (see [`crate::notify`]).
 async fn apply(
     conn: &mut PgConnection,
     shared: &Shared,
     batch: &[Request],
     now: i64,
-) -> Result<Vec<Out>, Error> {
+) -> Result<(Vec<Out>, Announcements), Error> {
     let schema = &shared.schema;
     let mut outs: Vec<Option<Out>> = batch.iter().map(|_| None).collect();
-    let mut work = false;
-    let mut finished: Vec<String> = Vec::new();
+    let mut announce = Announcements::default();
 
     // Commits that acknowledge deliveries hold only while those leases are theirs: check
     // (and lock) them first, so that a stale one refuses its commit before anything is written.
-    for (i, r) in batch.iter().enumerate() {
-        if let Op::Append(c, _) = &r.op {
-            if let Some(conflict) = crate::complete::check_leases(conn, schema, &c.acks).await? {
+    let (at, acks): (Vec<usize>, Vec<&[Completion]>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.op {
+            Op::Append(c, _) if !c.acks.is_empty() => Some((i, c.acks.as_slice())),
+            _ => None,
+        })
+        .unzip();
+    if !acks.is_empty() {
+        let verdicts = crate::complete::check_leases(conn, schema, &acks).await?;
+        for (i, conflict) in at.into_iter().zip(verdicts) {
+            if let Some(conflict) = conflict {
                 outs[i] = Some(Out::Conflict(conflict));
             }
         }
@@ -302,15 +389,20 @@ async fn apply(
         })
         .unzip();
     if !writes.is_empty() {
-        let results = append::write(conn, schema, &writes, now).await?;
+        // Without a sealer here, those of other processes are told of the new commits.
+        let wake_sealers = !shared.seal_active.load(Ordering::Acquire);
+        let results = append::write(
+            conn,
+            schema,
+            &writes,
+            now,
+            wake_sealers,
+            Some(&mut announce),
+        )
+        .await?;
         for (i, result) in at.into_iter().zip(results) {
             outs[i] = Some(match result {
-                Ok(Written::Commit(receipt)) => {
-                    if let Some(outcome) = &receipt.finished {
-                        finished.push(outcome.operation_id.to_string());
-                    }
-                    Out::Append(receipt)
-                }
+                Ok(Written::Commit(receipt)) => Out::Append(receipt),
                 Ok(Written::Kv(versions)) => Out::Kv(versions),
                 Err(conflict) => Out::Conflict(conflict),
             });
@@ -331,7 +423,11 @@ async fn apply(
         .unzip();
     if !lists.is_empty() {
         let done = complete_all(conn, schema, &lists, now).await?;
-        finished.extend(done.finished.iter().map(|op| op.to_string()));
+        for effect in done.effects.iter().flatten() {
+            if let CompletionEffect::Applied(Some(outcome)) = effect {
+                announce.finished.push(outcome.operation_id);
+            }
+        }
         for (i, effects) in at.into_iter().zip(done.effects) {
             match &mut outs[i] {
                 Some(Out::Append(receipt)) => {
@@ -371,6 +467,12 @@ async fn apply(
         .map_err(db("recording heartbeats"))?;
     }
 
+    if batch
+        .iter()
+        .any(|r| matches!(r.op, Op::Release(_) | Op::Inspect(_) | Op::Prune(_)))
+    {
+        crate::context::custom_plans(conn).await?;
+    }
     for (i, r) in batch.iter().enumerate() {
         let out = match &r.op {
             Op::Release(owner) => {
@@ -383,18 +485,19 @@ async fn apply(
                 .execute(&mut *conn)
                 .await
                 .map_err(db("releasing leases"))?
-                .rows_affected();
+                .rows_affected()
+                    + crate::inline::release(conn, schema, *owner, now).await?;
                 sqlx::query(&schema.sql("DELETE FROM {s}.owners WHERE owner = $1"))
                     .bind(PgUuid(*owner))
                     .execute(&mut *conn)
                     .await
                     .map_err(db("forgetting an owner"))?;
-                work |= n > 0;
+                announce.work |= n > 0;
                 Out::Count(n)
             }
             Op::Inspect(action) => {
                 let acted = crate::inspect::act(conn, schema, action, now).await?;
-                work |= acted.work;
+                announce.work |= acted.work;
                 Out::Acted(acted)
             }
             Op::Prune(bounds) => Out::Prune(prune::step(conn, schema, bounds).await?),
@@ -404,11 +507,9 @@ async fn apply(
     }
 
     crate::inspect::record_batch(conn, schema, batch, &outs, now).await?;
-    if work {
-        crate::notify::work(conn, schema).await?;
-    }
-    crate::notify::finished(conn, schema, &finished).await?;
-    outs.into_iter()
+    let outs = outs
+        .into_iter()
         .map(|o| o.ok_or_else(|| Error::Corrupt("a write request was not answered".into())))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((outs, announce))
 }

@@ -47,7 +47,7 @@ async fn a_chain_rewritten_after_an_edit_is_caught_by_the_sealers_signature() {
     // to the database but without the key could.
     let mut conn = raw().await;
     let id6: i64 = sqlx::query_scalar(&format!(
-        "SELECT id FROM \"{s}\".commits WHERE position = 6"
+        "SELECT commit_id FROM \"{s}\".commit_seals WHERE position = 6"
     ))
     .fetch_one(&mut conn)
     .await
@@ -71,7 +71,9 @@ async fn a_chain_rewritten_after_an_edit_is_caught_by_the_sealers_signature() {
         );
         let link = chain::chain_hash(&data, &parent);
         sqlx::query(&format!(
-            "UPDATE \"{s}\".commits SET data_hash = $1, chain_hash = $2 WHERE position = $3"
+            "WITH s AS (UPDATE \"{s}\".commit_seals SET chain_hash = $2 WHERE position = $3
+                        RETURNING commit_id)
+             UPDATE \"{s}\".commits SET data_hash = $1 WHERE id = (SELECT commit_id FROM s)"
         ))
         .bind(&data[..])
         .bind(&link[..])

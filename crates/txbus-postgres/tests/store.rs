@@ -63,7 +63,8 @@ async fn leases_of_a_stopped_process_are_taken_over() {
 /// The data hash of the (one-message) commit at `position`, from what is stored.
 async fn rehash_commit(conn: &mut sqlx::PgConnection, schema: &str, position: i64) -> [u8; 32] {
     let c = sqlx::query(&format!(
-        "SELECT id, op_id::text, created_at FROM \"{schema}\".commits WHERE position = $1"
+        "SELECT id, op_id::text, created_at FROM \"{schema}\".commits
+         WHERE id = (SELECT commit_id FROM \"{schema}\".commit_seals WHERE position = $1)"
     ))
     .bind(position)
     .fetch_one(&mut *conn)
@@ -114,7 +115,7 @@ async fn verify_reports_the_first_commit_edited_in_the_database() {
         .execute(
             format!(
                 "UPDATE \"{s}\".messages SET payload = '{{\"n\":999}}'
-                 WHERE commit_id = (SELECT id FROM \"{s}\".commits WHERE position = 6)"
+                 WHERE commit_id = (SELECT commit_id FROM \"{s}\".commit_seals WHERE position = 6)"
             )
             .as_str(),
         )
@@ -129,7 +130,8 @@ async fn verify_reports_the_first_commit_edited_in_the_database() {
     // Re-hashing the edited commit is not enough: its chain hash no longer matches.
     let data = rehash_commit(&mut conn, &s, 6).await;
     sqlx::query(&format!(
-        "UPDATE \"{s}\".commits SET data_hash = $1 WHERE position = 6"
+        "UPDATE \"{s}\".commits SET data_hash = $1
+         WHERE id = (SELECT commit_id FROM \"{s}\".commit_seals WHERE position = 6)"
     ))
     .bind(&data[..])
     .execute(&mut conn)
@@ -139,9 +141,15 @@ async fn verify_reports_the_first_commit_edited_in_the_database() {
     assert_eq!(report.first_broken, Some((6, Broken::ChainMismatch)));
 
     // A removed commit is reported as a gap.
-    conn.execute(format!("DELETE FROM \"{s}\".commits WHERE position = 3").as_str())
-        .await
-        .unwrap();
+    conn.execute(
+        format!(
+            "DELETE FROM \"{s}\".commits
+             WHERE id = (SELECT commit_id FROM \"{s}\".commit_seals WHERE position = 3)"
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
     let report = chain::verify(&store).await.unwrap();
     assert_eq!(report.first_broken, Some((3, Broken::Gap { expected: 3 })));
     conn.close().await.unwrap();
@@ -226,9 +234,11 @@ async fn processes_starting_together_migrate_once() {
     .fetch_all(&mut conn)
     .await
     .unwrap();
+    let newest = i32::try_from(stores[0].describe().schema_version).unwrap();
+    assert!(newest >= 5);
     assert_eq!(
         versions,
-        vec![1, 2, 3, 4, 5],
+        (1..=newest).collect::<Vec<_>>(),
         "every migration applied exactly once"
     );
     conn.close().await.unwrap();
