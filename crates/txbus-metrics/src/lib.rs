@@ -5,8 +5,9 @@
 //! metric handles then), inside a Tokio runtime. The names and labels are listed in
 //! [`txbus_core::metrics`]: commits, deliveries by handler and outcome, attempt and commit
 //! latency histograms, group-commit sizes, relay and projection lag, and — read from the
-//! store of each bus passed to [`Metrics::watch`] at every scrape — deliveries by state
-//! (pending, leased, …), dead letters, log size and pending operations.
+//! store of each bus passed to [`Metrics::watch`] at every scrape, from its counters and
+//! indexes, without reading the log — deliveries by state (pending, leased, …), dead letters,
+//! log size and (counted at most every [`PENDING_OPERATIONS_EVERY`]) pending operations.
 //!
 //! ```no_run
 //! # async fn example(store: impl txbus_core::Store) -> Result<(), Box<dyn std::error::Error>> {
@@ -22,7 +23,7 @@
 //! ```
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -65,6 +66,11 @@ pub const GROUP_COMMIT_BUCKETS: &[f64] = &[
 /// How long a scrape waits for one store's counts before it reports the others without them.
 pub const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a scrape counts a watched store's pending operations: that count reads every
+/// commit of the store, so scrapes in between report the last count. Everything else a scrape
+/// reports comes from counters and indexes kept up to date as work happens.
+pub const PENDING_OPERATIONS_EVERY: Duration = Duration::from_secs(30);
+
 /// How often the exporter drains its histograms, so that they hold bounded memory between
 /// scrapes.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -81,7 +87,15 @@ pub struct MetricsBuilder {
 #[derive(Clone)]
 pub struct Metrics {
     handle: PrometheusHandle,
-    watched: Arc<Mutex<Vec<(String, Bus)>>>,
+    watched: Arc<Mutex<Vec<Watched>>>,
+}
+
+/// A bus whose store a scrape reports, and its last count of pending operations.
+#[derive(Clone)]
+struct Watched {
+    name: String,
+    bus: Bus,
+    pending_operations: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,8 +119,12 @@ impl Metrics {
     pub fn watch(&self, name: impl Into<String>, bus: &Bus) -> &Self {
         let name = name.into();
         let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-        watched.retain(|(n, _)| *n != name);
-        watched.push((name, bus.clone()));
+        watched.retain(|w| w.name != name);
+        watched.push(Watched {
+            name,
+            bus: bus.clone(),
+            pending_operations: Arc::new(Mutex::new(None)),
+        });
         self
     }
 
@@ -115,7 +133,7 @@ impl Metrics {
         self.watched
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|(n, _)| n != name);
+            .retain(|w| w.name != name);
     }
 
     /// Reads the watched stores and renders every metric in the Prometheus text format.
@@ -125,8 +143,8 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        for (name, bus) in watched {
-            set_store_gauges(&name, &bus).await;
+        for w in watched {
+            set_store_gauges(&w).await;
         }
         self.handle.render()
     }
@@ -146,34 +164,88 @@ async fn serve(State(metrics): State<Metrics>) -> impl IntoResponse {
     )
 }
 
-async fn set_store_gauges(name: &str, bus: &Bus) {
-    let stats = match tokio::time::timeout(STATS_TIMEOUT, bus.stats()).await {
-        Ok(Ok(stats)) => stats,
+/// Sets the store gauges of one watched bus: deliveries by state and dead letters from the
+/// store's inspection counters (succeeded and rejected count every delivery recorded since the
+/// store was created; pending, leased and dead are current), the log's head, and the pending
+/// operations (counted at most every [`PENDING_OPERATIONS_EVERY`]).
+async fn set_store_gauges(w: &Watched) {
+    let (name, bus) = (w.name.as_str(), &w.bus);
+    let counts = match tokio::time::timeout(STATS_TIMEOUT, bus.inspect().handler_counts()).await {
+        Ok(Ok(counts)) => Some(counts),
         Ok(Err(e)) => {
             tracing::warn!(bus = name, error = %e, "reading the store's counts for /metrics failed");
-            return;
+            None
         }
         Err(_) => {
             tracing::warn!(bus = name, timeout = ?STATS_TIMEOUT, "reading the store's counts for /metrics timed out");
-            return;
+            None
         }
     };
-    let d = stats.deliveries;
-    for (state, count) in [
-        ("pending", d.pending),
-        ("leased", d.leased),
-        ("succeeded", d.succeeded),
-        ("rejected", d.rejected),
-        ("dead", d.dead),
-    ] {
-        gauge!(names::STORE_DELIVERIES, "bus" => name.to_owned(), "state" => state)
-            .set(count as f64);
+    if let Some(counts) = counts {
+        let mut t = txbus_core::inspect::HandlerCounts::default();
+        for h in &counts {
+            t.pending += h.pending;
+            t.leased += h.leased;
+            t.succeeded += h.succeeded;
+            t.rejected += h.rejected;
+            t.dead += h.dead;
+        }
+        for (state, count) in [
+            ("pending", t.pending),
+            ("leased", t.leased),
+            ("succeeded", t.succeeded),
+            ("rejected", t.rejected),
+            ("dead", t.dead),
+        ] {
+            gauge!(names::STORE_DELIVERIES, "bus" => name.to_owned(), "state" => state)
+                .set(count as f64);
+        }
+        gauge!(names::DEAD_LETTERS, "bus" => name.to_owned()).set(t.dead as f64);
     }
-    gauge!(names::DEAD_LETTERS, "bus" => name.to_owned()).set(d.dead as f64);
-    gauge!(names::LOG_COMMITS, "bus" => name.to_owned()).set(stats.commits as f64);
-    gauge!(names::PENDING_OPERATIONS, "bus" => name.to_owned())
-        .set(stats.pending_operations as f64);
+    match tokio::time::timeout(STATS_TIMEOUT, bus.head_position()).await {
+        Ok(Ok(head)) => {
+            gauge!(names::LOG_COMMITS, "bus" => name.to_owned()).set(head as f64);
+        }
+        _ => tracing::warn!(
+            bus = name,
+            "reading the head of the log for /metrics failed"
+        ),
+    }
+    if let Some(pending) = pending_operations(w).await {
+        gauge!(names::PENDING_OPERATIONS, "bus" => name.to_owned()).set(pending as f64);
+    }
     gauge!(names::IN_MEMORY, "bus" => name.to_owned()).set(bus.buffered() as f64);
+}
+
+/// The watched store's pending operations: counted again when the last count is older than
+/// [`PENDING_OPERATIONS_EVERY`], else the last count.
+async fn pending_operations(w: &Watched) -> Option<u64> {
+    let last = *w
+        .pending_operations
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((at, count)) = last {
+        if at.elapsed() < PENDING_OPERATIONS_EVERY {
+            return Some(count);
+        }
+    }
+    match tokio::time::timeout(STATS_TIMEOUT, w.bus.stats()).await {
+        Ok(Ok(stats)) => {
+            *w.pending_operations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some((Instant::now(), stats.pending_operations));
+            Some(stats.pending_operations)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(bus = %w.name, error = %e, "counting pending operations for /metrics failed");
+            last.map(|(_, c)| c)
+        }
+        Err(_) => {
+            tracing::warn!(bus = %w.name, timeout = ?STATS_TIMEOUT, "counting pending operations for /metrics timed out");
+            last.map(|(_, c)| c)
+        }
+    }
 }
 
 impl MetricsBuilder {
