@@ -42,6 +42,19 @@ fn report(args: &Args, lines: &[Line]) {
         };
         let p50 = line.percentile_ms(0.50);
         print_check(args.json, name, p50, &format!("<= {target}"), p50 <= target);
+        // Steps are durable commits: against the raw commit of the same run (when measured).
+        if let Some(raw) = crate::report::RAW_COMMIT_P50_MS.get() {
+            if line.scenario == "saga-3-steps" {
+                let r = p50 / raw;
+                print_check(
+                    args.json,
+                    "saga-3-steps p50 / raw-sqlite-commit p50",
+                    r,
+                    "<= 6",
+                    r <= 6.0,
+                );
+            }
+        }
     }
 }
 

@@ -302,24 +302,24 @@ async fn all(args: &Args) -> Result<(), BoxError> {
         args.json,
         "transact ops/s / raw-sqlite-batch rows/s",
         r,
-        ">= 0.10",
-        r >= 0.10,
+        ">= 0.2",
+        r >= 0.2,
     );
     let r = lat.percentile_ms(0.5) / raw_commit.percentile_ms(0.5);
     print_check(
         args.json,
         "transact-latency p50 / raw-sqlite-commit p50",
         r,
-        "<= 4",
-        r <= 4.0,
+        "<= 3",
+        r <= 3.0,
     );
     let p99 = lat.percentile_ms(0.99);
     print_check(
         args.json,
         "transact-latency p99 ms",
         p99,
-        "<= 2",
-        p99 <= 2.0,
+        "<= 1.5",
+        p99 <= 1.5,
     );
     let r = publ[0].ops_per_sec() / raw_batch.ops_per_sec();
     print_check(
