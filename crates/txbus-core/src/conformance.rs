@@ -28,10 +28,12 @@ use crate::{
 mod acks;
 mod commits;
 mod inspect;
+mod migration;
 mod streams;
 pub use acks::*;
 pub use commits::*;
 pub use inspect::*;
+pub use migration::*;
 pub use streams::*;
 
 /// Makes stores for the suite.
